@@ -20,4 +20,6 @@
 #![warn(missing_docs)]
 
 pub mod filter;
+pub mod frame;
+pub mod protocol;
 pub mod trie;
