@@ -19,7 +19,11 @@
 
 #![warn(missing_docs)]
 
+pub mod broker;
+pub mod config;
 pub mod filter;
 pub mod frame;
+pub mod metrics;
 pub mod protocol;
+pub mod subscribers;
 pub mod trie;

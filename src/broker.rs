@@ -1,0 +1,953 @@
+//! The sans-IO broker core: everything the broker decides, nothing it does
+//! with sockets.
+//!
+//! The event loop feeds it "a publisher sent these frames", "subscriber X
+//! sent these frames" and "time passed"; the core answers by calling a
+//! [`Transport`] it is handed, synchronously, once per frame set to send.
+//! Nothing in here blocks or touches a file descriptor, which is what lets the
+//! fuzz targets and benches drive the real forwarding path with no network.
+//!
+//! ```
+//! use std::rc::Rc;
+//! use std::time::Instant;
+//! use zbroker::broker::{Broker, SendOutcome, Transport};
+//! use zbroker::config::Config;
+//!
+//! /// Records what the core sends.
+//! #[derive(Default)]
+//! struct Log(Vec<(Vec<u8>, u64)>);
+//! impl Transport<Rc<[u8]>> for Log {
+//!     fn deliver(&mut self, to: &[u8], seq: u64, _: &[u8], _: &mut Rc<[u8]>) -> SendOutcome {
+//!         self.0.push((to.to_vec(), seq));
+//!         SendOutcome::Sent
+//!     }
+//!     fn reply(&mut self, _: &[u8], _: &[&[u8]]) -> SendOutcome { SendOutcome::Sent }
+//! }
+//!
+//! let now = Instant::now();
+//! let mut broker = Broker::new(Config::default(), now);
+//! let mut out = Log::default();
+//! broker.on_command(b"sub-1", &[b"SUB", b"prefix", b"net."], 3, now, &mut out);
+//! let mut frames: [Rc<[u8]>; 2] = [Rc::from(&b"net.a"[..]), Rc::from(&b"hello"[..])];
+//! assert_eq!(broker.on_publish(&mut frames, 2, now, &mut out), Ok(1));
+//! assert_eq!(out.0, vec![(b"sub-1".to_vec(), 1)]);
+//! ```
+
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, OverflowPolicy, QueueConfig};
+use crate::filter::Filter;
+use crate::frame::Frame;
+use crate::metrics::{Counters, Snapshot};
+use crate::protocol::{self, Command, CommandError, ErrorCode, PublishError};
+use crate::subscribers::{Queued, Reply, Subscriber, SubscriberTable};
+use crate::trie::{RoutingIndex, SubId};
+
+/// A message part the core can hold on to and fan out.
+///
+/// `share` must be cheap: it is called once per subscriber whose delivery has
+/// to wait in a queue, so it must not copy large payloads.
+pub trait Payload: Sized {
+    /// The part's bytes.
+    fn bytes(&self) -> &[u8];
+    /// Another handle on the same bytes.
+    fn share(&mut self) -> Self;
+}
+
+impl Payload for Frame {
+    fn bytes(&self) -> &[u8] {
+        Frame::bytes(self)
+    }
+    fn share(&mut self) -> Self {
+        Frame::share(self)
+    }
+}
+
+impl Payload for Rc<[u8]> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn share(&mut self) -> Self {
+        Rc::clone(self)
+    }
+}
+
+impl Payload for Arc<[u8]> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn share(&mut self) -> Self {
+        Arc::clone(self)
+    }
+}
+
+/// What became of one attempted send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// libzmq took the whole message.
+    Sent,
+    /// The peer's pipe is full (`EAGAIN`); nothing was sent, try later.
+    WouldBlock,
+    /// The peer is gone (`EHOSTUNREACH`); it will never take anything.
+    Unreachable,
+}
+
+/// Where the core's output goes. Implementations must never block.
+pub trait Transport<P> {
+    /// Sends the two-part delivery `[MSG|seq|topic, payload]` to the
+    /// subscriber with `routing_id`.
+    fn deliver(
+        &mut self,
+        routing_id: &[u8],
+        seq: u64,
+        topic: &[u8],
+        payload: &mut P,
+    ) -> SendOutcome;
+    /// Sends a reply, one frame per slice, to `routing_id`.
+    fn reply(&mut self, routing_id: &[u8], frames: &[&[u8]]) -> SendOutcome;
+}
+
+fn send_reply<P>(out: &mut impl Transport<P>, to: &[u8], reply: &Reply) -> SendOutcome {
+    match reply {
+        Reply::Ok { subscribe, filter } => {
+            let verb = if *subscribe {
+                protocol::SUB
+            } else {
+                protocol::UNSUB
+            };
+            out.reply(
+                to,
+                &[protocol::OK, verb, filter.kind().as_bytes(), filter.text()],
+            )
+        }
+        Reply::Err(code, text) => out.reply(to, &[protocol::ERR, code.as_bytes(), text.as_bytes()]),
+        Reply::Pong => out.reply(to, &[protocol::PONG]),
+    }
+}
+
+fn queued_size<P: Payload>(item: &Queued<P>) -> usize {
+    match item {
+        Queued::Message { topic, payload, .. } => topic.bytes().len() + payload.bytes().len(),
+        Queued::Reply(Reply::Ok { filter, .. }) => 16 + filter.text().len(),
+        Queued::Reply(Reply::Err(_, text)) => 32 + text.len(),
+        Queued::Reply(Reply::Pong) => 4,
+    }
+}
+
+/// Totals over all subscriber queues, and which subscribers have one.
+#[derive(Debug, Default)]
+struct Queues {
+    bytes: usize,
+    messages: usize,
+    /// Subscribers whose queue is not empty, each once.
+    backlog: Vec<SubId>,
+}
+
+impl Queues {
+    fn forget<P: Payload>(&mut self, item: &Queued<P>) {
+        self.bytes -= queued_size(item);
+        if matches!(item, Queued::Message { .. }) {
+            self.messages -= 1;
+        }
+    }
+
+    /// Appends `item` to `sub`'s queue within the configured bounds, applying
+    /// the overflow policy when they are reached. Returns false if it dropped
+    /// `item`.
+    fn push<P: Payload>(
+        &mut self,
+        config: &QueueConfig,
+        counters: &mut Counters,
+        id: SubId,
+        sub: &mut Subscriber<P>,
+        item: Queued<P>,
+        now: Instant,
+    ) -> bool {
+        let size = queued_size(&item);
+        let is_message = matches!(item, Queued::Message { .. });
+        // Replies are bounded by the command rate, not by the message limits,
+        // so a client waiting for its OK gets it even behind a full queue.
+        let fits = |queues: &Queues, sub: &Subscriber<P>| {
+            queues.bytes + size <= config.max_total_bytes
+                && (!is_message
+                    || (sub.queue.len() < config.max_messages
+                        && sub.queued_bytes + size <= config.max_bytes))
+        };
+        if config.policy == OverflowPolicy::DropOld {
+            while !fits(self, sub) {
+                let Some(old) = sub.queue.pop_front() else {
+                    break;
+                };
+                sub.queued_bytes -= queued_size(&old);
+                self.forget(&old);
+                count_drop(counters, sub, &old);
+            }
+        }
+        if !fits(self, sub) {
+            count_drop(counters, sub, &item);
+            if config.policy == OverflowPolicy::Disconnect && sub.full_since.is_none() {
+                sub.full_since = Some(now);
+            }
+            return false;
+        }
+        if sub.queue.is_empty() {
+            self.backlog.push(id);
+        }
+        sub.queued_bytes += size;
+        self.bytes += size;
+        if is_message {
+            self.messages += 1;
+        }
+        sub.queue.push_back(item);
+        true
+    }
+}
+
+fn count_drop<P>(counters: &mut Counters, sub: &mut Subscriber<P>, item: &Queued<P>) {
+    if matches!(item, Queued::Message { .. }) {
+        counters.dropped_queue_full += 1;
+        sub.dropped += 1;
+    } else {
+        counters.dropped_replies += 1;
+    }
+}
+
+/// Logs at most once a second, counting what it held back, so a flood of bad
+/// input cannot turn into a flood of log lines.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn warn(&mut self, now: Instant, what: fmt::Arguments<'_>) {
+        if self.next.is_some_and(|next| now < next) {
+            self.suppressed += 1;
+            return;
+        }
+        self.next = Some(now + Duration::from_secs(1));
+        let suppressed = std::mem::take(&mut self.suppressed);
+        tracing::warn!(suppressed, "{what}");
+    }
+}
+
+/// The broker's state and decisions; see the module docs.
+///
+/// Guarantees, whatever the input:
+/// - a message goes to each subscriber with a matching filter exactly once,
+///   and to no other;
+/// - each subscriber's seq grows by exactly one per message routed to it,
+///   delivered or dropped, so every drop shows as a gap;
+/// - queues stay within [`QueueConfig`]'s bounds and the subscriber and
+///   filter counts within [`crate::config::Limits`].
+pub struct Broker<P> {
+    config: Config,
+    index: RoutingIndex,
+    subs: SubscriberTable<P>,
+    queues: Queues,
+    counters: Counters,
+    /// Scratch buffers reused across calls so routing does not allocate.
+    matched: Vec<SubId>,
+    gone: Vec<SubId>,
+    next_sweep: Instant,
+    publish_log: LogLimiter,
+    command_log: LogLimiter,
+}
+
+impl<P: Payload> Broker<P> {
+    /// A broker with no subscribers.
+    pub fn new(config: Config, now: Instant) -> Self {
+        Broker {
+            config,
+            index: RoutingIndex::new(),
+            subs: SubscriberTable::default(),
+            queues: Queues::default(),
+            counters: Counters::default(),
+            matched: Vec::new(),
+            gone: Vec::new(),
+            next_sweep: now,
+            publish_log: LogLimiter::default(),
+            command_log: LogLimiter::default(),
+        }
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Routes one publisher message. `frames` holds the first frames received
+    /// (at most 2 are looked at), `frame_count` how many the message had.
+    /// Returns how many subscribers it was routed to, or why it was dropped.
+    pub fn on_publish(
+        &mut self,
+        frames: &mut [P],
+        frame_count: usize,
+        now: Instant,
+        out: &mut impl Transport<P>,
+    ) -> Result<usize, PublishError> {
+        let checked = match frames {
+            [topic, payload] => protocol::check_publish(
+                frame_count,
+                topic.bytes(),
+                self.config.limits.max_topic_len,
+            )
+            .map(|()| (topic, payload)),
+            _ => Err(PublishError::FrameCount(frame_count)),
+        };
+        let (topic, payload) = match checked {
+            Ok(parts) => parts,
+            Err(e) => {
+                self.counters.malformed_publishes += 1;
+                self.publish_log
+                    .warn(now, format_args!("dropped a malformed publish: {e}"));
+                return Err(e);
+            }
+        };
+        self.counters.published += 1;
+        self.counters.published_bytes += payload.bytes().len() as u64;
+        self.index.matches(topic.bytes(), &mut self.matched);
+        if self.matched.is_empty() {
+            self.counters.unmatched += 1;
+            return Ok(0);
+        }
+        for &id in &self.matched {
+            let Some(sub) = self.subs.get_mut(id) else {
+                debug_assert!(false, "routing index names a removed subscriber");
+                continue;
+            };
+            sub.last_seq += 1;
+            let seq = sub.last_seq;
+            self.counters.routed += 1;
+            if sub.queue.is_empty() {
+                match out.deliver(&sub.routing_id, seq, topic.bytes(), payload) {
+                    SendOutcome::Sent => {
+                        self.counters.delivered += 1;
+                        continue;
+                    }
+                    SendOutcome::Unreachable => {
+                        self.counters.dropped_subscriber_gone += 1;
+                        self.gone.push(id);
+                        continue;
+                    }
+                    SendOutcome::WouldBlock => {}
+                }
+            }
+            let item = Queued::Message {
+                seq,
+                topic: topic.share(),
+                payload: payload.share(),
+            };
+            self.queues
+                .push(&self.config.queue, &mut self.counters, id, sub, item, now);
+        }
+        let routed = self.matched.len();
+        self.remove_gone();
+        Ok(routed)
+    }
+
+    /// Handles one message from a subscriber: `frames` holds its first
+    /// frames (at most 3 are looked at), `frame_count` how many it had.
+    /// Every command is answered, with `OK`, `PONG` or `ERR`.
+    pub fn on_command(
+        &mut self,
+        routing_id: &[u8],
+        frames: &[&[u8]],
+        frame_count: usize,
+        now: Instant,
+        out: &mut impl Transport<P>,
+    ) {
+        let known = self.subs.lookup(routing_id);
+        if let Some(sub) = known.and_then(|id| self.subs.get_mut(id)) {
+            sub.last_heard = now;
+        }
+        let parsed = if frame_count > frames.len() {
+            Err(CommandError::TooManyFrames(frame_count))
+        } else {
+            protocol::parse_command(frames, self.config.limits.max_filter_len)
+        };
+        let command = match parsed {
+            Ok(command) => command,
+            Err(e) => {
+                self.counters.malformed_commands += 1;
+                self.command_log.warn(
+                    now,
+                    format_args!("refused a command from {}: {e}", Hex(routing_id)),
+                );
+                self.reply(
+                    known,
+                    routing_id,
+                    Reply::Err(e.code(), e.to_string()),
+                    now,
+                    out,
+                );
+                return;
+            }
+        };
+        let id = match known {
+            Some(id) => id,
+            None if self.subs.len() >= self.config.limits.max_subscribers => {
+                self.counters.refused_limit += 1;
+                let text = format!(
+                    "the broker holds its limit of {} subscribers; try again later",
+                    self.config.limits.max_subscribers
+                );
+                self.reply(
+                    None,
+                    routing_id,
+                    Reply::Err(ErrorCode::Limit, text),
+                    now,
+                    out,
+                );
+                return;
+            }
+            None => self.subs.insert(routing_id, now),
+        };
+        self.counters.commands += 1;
+        let reply = match command {
+            Command::Ping => Reply::Pong,
+            Command::Subscribe(filter) => self.subscribe(id, filter),
+            Command::Unsubscribe(filter) => self.unsubscribe(id, filter),
+        };
+        self.reply(Some(id), routing_id, reply, now, out);
+        self.remove_gone();
+    }
+
+    fn subscribe(&mut self, id: SubId, filter: Filter) -> Reply {
+        let limits = &self.config.limits;
+        let Some(sub) = self.subs.get_mut(id) else {
+            return Reply::Err(ErrorCode::Limit, "subscriber was removed".into());
+        };
+        if !sub.filters.contains(&filter) {
+            let refusal = if sub.filters.len() >= limits.max_filters_per_subscriber {
+                Some(format!(
+                    "this subscriber holds its limit of {} filters",
+                    limits.max_filters_per_subscriber
+                ))
+            } else if self.index.len() >= limits.max_filters_total {
+                Some(format!(
+                    "the broker holds its limit of {} filters",
+                    limits.max_filters_total
+                ))
+            } else {
+                None
+            };
+            if let Some(text) = refusal {
+                self.counters.refused_limit += 1;
+                return Reply::Err(ErrorCode::Limit, text);
+            }
+            self.index.insert(&filter, id);
+            sub.filters.insert(filter.clone());
+        }
+        Reply::Ok {
+            subscribe: true,
+            filter,
+        }
+    }
+
+    fn unsubscribe(&mut self, id: SubId, filter: Filter) -> Reply {
+        let Some(sub) = self.subs.get_mut(id) else {
+            return Reply::Err(ErrorCode::Limit, "subscriber was removed".into());
+        };
+        if !sub.filters.remove(&filter) {
+            return Reply::Err(
+                ErrorCode::NotSubscribed,
+                format!("not subscribed to {filter}"),
+            );
+        }
+        self.index.remove(&filter, id);
+        Reply::Ok {
+            subscribe: false,
+            filter,
+        }
+    }
+
+    /// Sends `reply` in order behind whatever the subscriber has queued, or
+    /// straight away to a routing id the broker does not track.
+    fn reply(
+        &mut self,
+        id: Option<SubId>,
+        routing_id: &[u8],
+        reply: Reply,
+        now: Instant,
+        out: &mut impl Transport<P>,
+    ) {
+        let Some((id, sub)) = id.and_then(|id| Some((id, self.subs.get_mut(id)?))) else {
+            // Untracked peers get one best-effort try: queueing for them
+            // would let anyone make the broker hold memory.
+            send_reply(out, routing_id, &reply);
+            return;
+        };
+        if sub.queue.is_empty() {
+            match send_reply(out, &sub.routing_id, &reply) {
+                SendOutcome::Sent => return,
+                SendOutcome::Unreachable => {
+                    self.gone.push(id);
+                    return;
+                }
+                SendOutcome::WouldBlock => {}
+            }
+        }
+        self.queues.push(
+            &self.config.queue,
+            &mut self.counters,
+            id,
+            sub,
+            Queued::Reply(reply),
+            now,
+        );
+    }
+
+    /// Sends what waits in subscriber queues, oldest first, until libzmq
+    /// refuses more. Returns whether anything is still queued.
+    pub fn flush(&mut self, out: &mut impl Transport<P>) -> bool {
+        let mut i = 0;
+        while let Some(&id) = self.queues.backlog.get(i) {
+            let Some(sub) = self.subs.get_mut(id) else {
+                self.queues.backlog.swap_remove(i);
+                continue;
+            };
+            while let Some(item) = sub.queue.front_mut() {
+                let outcome = match item {
+                    Queued::Message {
+                        seq,
+                        topic,
+                        payload,
+                    } => out.deliver(&sub.routing_id, *seq, topic.bytes(), payload),
+                    Queued::Reply(reply) => send_reply(out, &sub.routing_id, reply),
+                };
+                match outcome {
+                    SendOutcome::Sent => {
+                        let Some(item) = sub.queue.pop_front() else {
+                            break;
+                        };
+                        if matches!(item, Queued::Message { .. }) {
+                            self.counters.delivered += 1;
+                        }
+                        sub.queued_bytes -= queued_size(&item);
+                        self.queues.forget(&item);
+                    }
+                    SendOutcome::WouldBlock => break,
+                    SendOutcome::Unreachable => {
+                        self.gone.push(id);
+                        break;
+                    }
+                }
+            }
+            if sub.queue.is_empty() {
+                sub.full_since = None;
+                self.queues.backlog.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        self.remove_gone();
+        !self.queues.backlog.is_empty()
+    }
+
+    /// Lets time pass: forgets subscribers silent for `sub_timeout` and
+    /// applies the `disconnect` overflow policy. Returns when it next needs
+    /// to be called.
+    pub fn tick(&mut self, now: Instant, out: &mut impl Transport<P>) -> Instant {
+        if now < self.next_sweep {
+            return self.next_sweep;
+        }
+        let timeout = self.config.sub_timeout;
+        self.gone.extend(
+            self.subs
+                .iter()
+                .filter(|(_, sub)| now.saturating_duration_since(sub.last_heard) >= timeout)
+                .map(|(id, _)| id),
+        );
+        for &id in &self.gone {
+            if let Some(sub) = self.subs.get(id) {
+                // Best effort: if it is alive after all, it learns it must
+                // subscribe again.
+                let text = format!(
+                    "expired: no command for {} ms; subscribe again",
+                    timeout.as_millis()
+                );
+                send_reply(out, &sub.routing_id, &Reply::Err(ErrorCode::Limit, text));
+            }
+        }
+        for id in std::mem::take(&mut self.gone) {
+            if self.forget(id) {
+                self.counters.expired_subscribers += 1;
+            }
+        }
+
+        if self.config.queue.policy == OverflowPolicy::Disconnect {
+            let cutoff = self.config.queue.disconnect_after;
+            let slow: Vec<SubId> = self
+                .queues
+                .backlog
+                .iter()
+                .copied()
+                .filter(|&id| {
+                    self.subs
+                        .get(id)
+                        .and_then(|s| s.full_since)
+                        .is_some_and(|since| now.saturating_duration_since(since) >= cutoff)
+                })
+                .collect();
+            for id in slow {
+                self.cut_off(id, now);
+            }
+        }
+        // Sweeping costs one pass over the table, so do it a few times per
+        // timeout rather than on every wake-up.
+        let interval = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        self.next_sweep = now + interval;
+        self.next_sweep
+    }
+
+    /// The `disconnect` policy: a subscriber whose queue stayed full loses
+    /// its filters and queue, and is told so once its pipe drains.
+    fn cut_off(&mut self, id: SubId, now: Instant) {
+        let Some(sub) = self.subs.get_mut(id) else {
+            return;
+        };
+        for filter in sub.filters.drain() {
+            self.index.remove(&filter, id);
+        }
+        for item in std::mem::take(&mut sub.queue) {
+            self.queues.forget(&item);
+            count_drop(&mut self.counters, sub, &item);
+        }
+        sub.queued_bytes = 0;
+        sub.full_since = None;
+        self.counters.slow_disconnects += 1;
+        tracing::warn!(
+            subscriber = %Hex(&sub.routing_id),
+            dropped = sub.dropped,
+            "cut off a slow subscriber whose queue stayed full"
+        );
+        self.queues.backlog.retain(|&b| b != id);
+        let text = "cut-off: slow consumer, filters and queue dropped; subscribe again";
+        self.queues.push(
+            &self.config.queue,
+            &mut self.counters,
+            id,
+            sub,
+            Queued::Reply(Reply::Err(ErrorCode::Limit, text.into())),
+            now,
+        );
+    }
+
+    /// Frees the subscribers collected in `gone`, counting them unreachable.
+    fn remove_gone(&mut self) {
+        while let Some(id) = self.gone.pop() {
+            if self.forget(id) {
+                self.counters.unreachable_subscribers += 1;
+            }
+        }
+    }
+
+    /// Frees a subscriber: its filters, its queue (counted as dropped) and its
+    /// id. False if it was already gone (an id can be listed twice).
+    fn forget(&mut self, id: SubId) -> bool {
+        let Some(sub) = self.subs.remove(id) else {
+            return false;
+        };
+        for filter in &sub.filters {
+            self.index.remove(filter, id);
+        }
+        if !sub.queue.is_empty() {
+            for item in &sub.queue {
+                self.queues.forget(item);
+                if matches!(item, Queued::Message { .. }) {
+                    self.counters.dropped_subscriber_gone += 1;
+                }
+            }
+            self.queues.backlog.retain(|&b| b != id);
+        }
+        tracing::debug!(subscriber = %Hex(&sub.routing_id), "forgot a subscriber");
+        true
+    }
+
+    /// Counters and gauges as of now.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            counters: self.counters.clone(),
+            subscribers: self.subs.len() as u64,
+            subscriptions: self.index.len() as u64,
+            queued_messages: self.queues.messages as u64,
+            queued_bytes: self.queues.bytes as u64,
+            max_queue_depth: self
+                .queues
+                .backlog
+                .iter()
+                .filter_map(|&id| Some(self.subs.get(id)?.queue.len() as u64))
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// The counters since start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Number of subscribers tracked.
+    pub fn subscriber_count(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Number of (filter, subscriber) pairs held.
+    pub fn subscription_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Messages waiting in subscriber queues.
+    pub fn queued_messages(&self) -> usize {
+        self.queues.messages
+    }
+
+    /// The subscriber with this routing id, if tracked.
+    pub fn subscriber(&self, routing_id: &[u8]) -> Option<&Subscriber<P>> {
+        self.subs.get(self.subs.lookup(routing_id)?)
+    }
+
+    /// Every tracked subscriber.
+    pub fn subscribers(&self) -> impl Iterator<Item = &Subscriber<P>> {
+        self.subs.iter().map(|(_, s)| s)
+    }
+
+    /// Heap bytes held by the routing index (for memory accounting).
+    pub fn index_heap_bytes(&self) -> usize {
+        self.index.heap_bytes()
+    }
+}
+
+/// Routing ids are binary; logs show them as hex.
+struct Hex<'a>(&'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hashbrown::HashSet;
+
+    type Bytes = Rc<[u8]>;
+
+    /// A transport that records deliveries and replies, and can be told that
+    /// some peers are full or gone.
+    #[derive(Default)]
+    struct Recorder {
+        delivered: Vec<(Vec<u8>, u64, Vec<u8>)>,
+        replies: Vec<(Vec<u8>, Vec<Vec<u8>>)>,
+        full: HashSet<Vec<u8>>,
+        gone: HashSet<Vec<u8>>,
+    }
+
+    impl Recorder {
+        fn outcome(&self, to: &[u8]) -> SendOutcome {
+            if self.gone.contains(to) {
+                SendOutcome::Unreachable
+            } else if self.full.contains(to) {
+                SendOutcome::WouldBlock
+            } else {
+                SendOutcome::Sent
+            }
+        }
+    }
+
+    impl Transport<Bytes> for Recorder {
+        fn deliver(&mut self, to: &[u8], seq: u64, topic: &[u8], _: &mut Bytes) -> SendOutcome {
+            let outcome = self.outcome(to);
+            if outcome == SendOutcome::Sent {
+                self.delivered.push((to.to_vec(), seq, topic.to_vec()));
+            }
+            outcome
+        }
+        fn reply(&mut self, to: &[u8], frames: &[&[u8]]) -> SendOutcome {
+            let outcome = self.outcome(to);
+            if outcome == SendOutcome::Sent {
+                self.replies
+                    .push((to.to_vec(), frames.iter().map(|f| f.to_vec()).collect()));
+            }
+            outcome
+        }
+    }
+
+    fn publish(b: &mut Broker<Bytes>, out: &mut Recorder, topic: &str, now: Instant) -> usize {
+        let mut frames: [Bytes; 2] = [Rc::from(topic.as_bytes()), Rc::from(&b"p"[..])];
+        b.on_publish(&mut frames, 2, now, out).unwrap()
+    }
+
+    fn command(b: &mut Broker<Bytes>, out: &mut Recorder, who: &[u8], frames: &[&[u8]]) {
+        b.on_command(who, frames, frames.len(), Instant::now(), out);
+    }
+
+    fn last_reply(out: &Recorder) -> Vec<&[u8]> {
+        out.replies
+            .last()
+            .unwrap()
+            .1
+            .iter()
+            .map(|f| &f[..])
+            .collect()
+    }
+
+    #[test]
+    fn subscribe_publish_unsubscribe() {
+        let now = Instant::now();
+        let mut b = Broker::new(Config::default(), now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"exact", b"x.y"]);
+        assert_eq!(last_reply(&out), [&b"OK"[..], b"SUB", b"exact", b"x.y"]);
+        command(&mut b, &mut out, b"a", &[b"SUB", b"pattern", b"x.*"]);
+        command(&mut b, &mut out, b"a", &[b"SUB", b"pattern", b"x.*"]);
+        assert_eq!(b.subscription_count(), 2, "SUB twice is idempotent");
+        assert_eq!(
+            publish(&mut b, &mut out, "x.y", now),
+            1,
+            "once despite two filters"
+        );
+        assert_eq!(publish(&mut b, &mut out, "x.z", now), 1);
+        assert_eq!(publish(&mut b, &mut out, "q", now), 0);
+        let seqs: Vec<u64> = out.delivered.iter().map(|d| d.1).collect();
+        assert_eq!(seqs, [1, 2]);
+        command(&mut b, &mut out, b"a", &[b"UNSUB", b"prefix", b"x"]);
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"not-subscribed"]);
+        command(&mut b, &mut out, b"a", &[b"UNSUB", b"pattern", b"x.*"]);
+        assert_eq!(last_reply(&out)[..2], [&b"OK"[..], b"UNSUB"]);
+        assert_eq!(publish(&mut b, &mut out, "x.z", now), 0);
+    }
+
+    #[test]
+    fn malformed_input_is_refused_and_counted() {
+        let now = Instant::now();
+        let mut b = Broker::new(Config::default(), now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"HELLO"]);
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"bad-command"]);
+        b.on_command(b"a", &[b"SUB", b"exact", b"x"], 9, now, &mut out);
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"bad-command"]);
+        command(&mut b, &mut out, b"a", &[b"SUB", b"pattern", b">.x"]);
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"bad-filter"]);
+        assert_eq!(b.counters().malformed_commands, 3);
+        assert_eq!(b.subscriber_count(), 0, "bad commands register nobody");
+        let mut one: [Bytes; 1] = [Rc::from(&b"t"[..])];
+        assert_eq!(
+            b.on_publish(&mut one, 1, now, &mut out),
+            Err(PublishError::FrameCount(1))
+        );
+        let mut three: [Bytes; 2] = [Rc::from(&b"t"[..]), Rc::from(&b"p"[..])];
+        assert_eq!(
+            b.on_publish(&mut three, 3, now, &mut out),
+            Err(PublishError::FrameCount(3))
+        );
+        assert_eq!(b.counters().malformed_publishes, 2);
+    }
+
+    #[test]
+    fn full_pipe_queues_in_order_then_drops_with_a_gap() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.queue.max_messages = 3;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        out.full.insert(b"a".to_vec());
+        for _ in 0..5 {
+            publish(&mut b, &mut out, "t", now);
+        }
+        assert_eq!(b.queued_messages(), 3);
+        assert_eq!(b.counters().dropped_queue_full, 2);
+        out.full.clear();
+        assert!(!b.flush(&mut out));
+        publish(&mut b, &mut out, "t", now);
+        let seqs: Vec<u64> = out.delivered.iter().map(|d| d.1).collect();
+        assert_eq!(
+            seqs,
+            [1, 2, 3, 6],
+            "drop-new keeps the oldest; 4 and 5 are the gap"
+        );
+        assert_eq!(b.subscriber("a".as_bytes()).unwrap().dropped, 2);
+    }
+
+    #[test]
+    fn drop_old_keeps_the_newest() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.queue.max_messages = 2;
+        config.queue.policy = OverflowPolicy::DropOld;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        out.full.insert(b"a".to_vec());
+        for _ in 0..5 {
+            publish(&mut b, &mut out, "t", now);
+        }
+        out.full.clear();
+        b.flush(&mut out);
+        let seqs: Vec<u64> = out.delivered.iter().map(|d| d.1).collect();
+        assert_eq!(seqs, [4, 5]);
+        assert_eq!(b.counters().dropped_queue_full, 3);
+    }
+
+    #[test]
+    fn unreachable_and_silent_subscribers_are_freed() {
+        let now = Instant::now();
+        let mut b = Broker::new(Config::default(), now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        command(&mut b, &mut out, b"b", &[b"SUB", b"prefix", b""]);
+        out.gone.insert(b"a".to_vec());
+        assert_eq!(publish(&mut b, &mut out, "t", now), 2);
+        assert_eq!(b.subscriber_count(), 1);
+        assert_eq!(b.subscription_count(), 1);
+        let later = Instant::now() + Duration::from_secs(11);
+        b.tick(later, &mut out);
+        assert_eq!(b.subscriber_count(), 0);
+        assert_eq!(b.subscription_count(), 0);
+        assert_eq!(b.counters().expired_subscribers, 1);
+        assert_eq!(b.counters().unreachable_subscribers, 1);
+    }
+
+    #[test]
+    fn disconnect_policy_cuts_off_and_tells() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.queue.max_messages = 1;
+        config.queue.policy = OverflowPolicy::Disconnect;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        out.full.insert(b"a".to_vec());
+        publish(&mut b, &mut out, "t", now);
+        publish(&mut b, &mut out, "t", now);
+        b.tick(now + Duration::from_secs(6), &mut out);
+        assert_eq!(b.counters().slow_disconnects, 1);
+        assert_eq!(b.subscription_count(), 0);
+        out.full.clear();
+        b.flush(&mut out);
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"limit"]);
+    }
+
+    #[test]
+    fn limits_refuse_with_err_limit() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.limits.max_subscribers = 1;
+        config.limits.max_filters_per_subscriber = 1;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"exact", b"x"]);
+        command(&mut b, &mut out, b"a", &[b"SUB", b"exact", b"y"]);
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"limit"]);
+        command(&mut b, &mut out, b"b", &[b"PING"]);
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"limit"]);
+        assert_eq!(b.counters().refused_limit, 2);
+    }
+}

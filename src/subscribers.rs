@@ -1,0 +1,165 @@
+//! The subscriber table: one record per connected subscriber, addressed by
+//! a dense [`SubId`] (for the routing index) and by its ZeroMQ routing id
+//! (for commands arriving on the ROUTER socket).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use hashbrown::{HashMap, HashSet};
+use smallvec::SmallVec;
+
+use crate::filter::Filter;
+use crate::protocol::ErrorCode;
+use crate::trie::SubId;
+
+/// A ROUTER routing id; libzmq's generated ids are 5 bytes, so they stay
+/// inline.
+pub type RoutingId = SmallVec<[u8; 8]>;
+
+/// Something waiting in a subscriber's queue, in the order it must be sent.
+#[derive(Debug)]
+pub enum Queued<P> {
+    /// A routed message with the seq it was given when routed.
+    Message {
+        /// The subscriber's sequence number for it.
+        seq: u64,
+        /// Shared topic frame.
+        topic: P,
+        /// Shared payload frame.
+        payload: P,
+    },
+    /// A reply to a command, queued behind earlier messages.
+    Reply(Reply),
+}
+
+/// A reply the broker owes a subscriber.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// `[OK, SUB|UNSUB, kind, filter]`.
+    Ok {
+        /// SUB (true) or UNSUB.
+        subscribe: bool,
+        /// The filter that took effect.
+        filter: Filter,
+    },
+    /// `[ERR, code, text]`.
+    Err(ErrorCode, String),
+    /// `[PONG]`.
+    Pong,
+}
+
+/// What the broker knows about one subscriber.
+#[derive(Debug)]
+pub struct Subscriber<P> {
+    /// Its ROUTER routing id.
+    pub routing_id: RoutingId,
+    /// The filters it holds; each is also in the routing index.
+    pub filters: HashSet<Filter>,
+    /// The last seq assigned (0: none yet).
+    pub last_seq: u64,
+    /// When it last sent a command.
+    pub last_heard: Instant,
+    /// Messages and replies waiting for room in libzmq's pipe, oldest first.
+    pub queue: VecDeque<Queued<P>>,
+    /// Bytes held by `queue` (topics, payloads, reply frames).
+    pub queued_bytes: usize,
+    /// Since when the queue has been full, if it is.
+    pub full_since: Option<Instant>,
+    /// Routed messages it lost to a full queue.
+    pub dropped: u64,
+}
+
+impl<P> Subscriber<P> {
+    fn new(routing_id: &[u8], now: Instant) -> Self {
+        Subscriber {
+            routing_id: RoutingId::from_slice(routing_id),
+            filters: HashSet::new(),
+            last_seq: 0,
+            last_heard: now,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            full_since: None,
+            dropped: 0,
+        }
+    }
+}
+
+/// Subscribers by [`SubId`] and by routing id. Ids of removed subscribers
+/// are reused, so the id space stays as small as the peak subscriber count.
+#[derive(Debug)]
+pub struct SubscriberTable<P> {
+    slots: Vec<Option<Subscriber<P>>>,
+    free: Vec<SubId>,
+    by_routing_id: HashMap<RoutingId, SubId>,
+}
+
+impl<P> Default for SubscriberTable<P> {
+    fn default() -> Self {
+        SubscriberTable {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_routing_id: HashMap::new(),
+        }
+    }
+}
+
+impl<P> SubscriberTable<P> {
+    /// Number of subscribers.
+    pub fn len(&self) -> usize {
+        self.by_routing_id.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_routing_id.is_empty()
+    }
+
+    /// The id of the subscriber with this routing id.
+    pub fn lookup(&self, routing_id: &[u8]) -> Option<SubId> {
+        self.by_routing_id.get(routing_id).copied()
+    }
+
+    /// Adds a subscriber; the caller has checked it is not present.
+    pub fn insert(&mut self, routing_id: &[u8], now: Instant) -> SubId {
+        let record = Subscriber::new(routing_id, now);
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(record);
+                id
+            }
+            None => {
+                self.slots.push(Some(record));
+                SubId::try_from(self.slots.len() - 1).expect("max_subscribers fits in u32")
+            }
+        };
+        self.by_routing_id
+            .insert(RoutingId::from_slice(routing_id), id);
+        id
+    }
+
+    /// Removes and returns a subscriber.
+    pub fn remove(&mut self, id: SubId) -> Option<Subscriber<P>> {
+        let record = self.slots.get_mut(id as usize)?.take()?;
+        self.by_routing_id.remove(&record.routing_id[..]);
+        self.free.push(id);
+        Some(record)
+    }
+
+    /// The subscriber with this id.
+    pub fn get(&self, id: SubId) -> Option<&Subscriber<P>> {
+        self.slots.get(id as usize)?.as_ref()
+    }
+
+    /// The subscriber with this id, mutably.
+    pub fn get_mut(&mut self, id: SubId) -> Option<&mut Subscriber<P>> {
+        self.slots.get_mut(id as usize)?.as_mut()
+    }
+
+    /// Every subscriber with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (SubId, &Subscriber<P>)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i as SubId, s.as_ref()?)))
+    }
+}
