@@ -25,5 +25,6 @@ pub mod filter;
 pub mod frame;
 pub mod metrics;
 pub mod protocol;
+pub mod server;
 pub mod subscribers;
 pub mod trie;

@@ -1,0 +1,494 @@
+//! The event loop: one `mio::Poll` over the two broker sockets' `ZMQ_FD`s,
+//! moving frames between them and the [`Broker`] core.
+//!
+//! `ZMQ_FD` is not a readiness signal for messages: it is edge-triggered and
+//! only says "look at `ZMQ_EVENTS`". An edge can be consumed by any libzmq
+//! call on the socket, sends included, so the loop never trusts it alone: it
+//! reads each socket until `EAGAIN`, and before it blocks it asks
+//! `ZMQ_EVENTS` of both sockets (which also re-arms the edge). Skipping that
+//! check stalls the broker with messages waiting.
+
+use std::fmt;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::broker::{Broker, SendOutcome, Transport};
+use crate::config::Config;
+use crate::frame::Frame;
+use crate::metrics::Snapshot;
+
+const PUBLISHERS: Token = Token(0);
+const SUBSCRIBERS: Token = Token(1);
+const WAKER: Token = Token(2);
+const SIGNALS: Token = Token(3);
+
+/// Messages read from one socket before the loop turns to the other, flushes
+/// queues and checks timers: large enough to amortise the poll, small enough
+/// that neither side waits long.
+const BATCH: usize = 512;
+
+/// Why the broker could not start or had to stop.
+#[derive(Debug)]
+pub enum ServerError {
+    /// Binding an endpoint failed.
+    Bind {
+        /// Which socket (`publisher` or `subscriber`).
+        role: &'static str,
+        /// The endpoint as configured.
+        endpoint: String,
+        /// libzmq's reason.
+        source: zmq::Error,
+    },
+    /// A libzmq call failed.
+    Zmq(&'static str, zmq::Error),
+    /// The poller failed.
+    Io(&'static str, std::io::Error),
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Bind {
+                role,
+                endpoint,
+                source,
+            } => {
+                write!(f, "cannot bind the {role} endpoint {endpoint}: {source}")?;
+                if *source == zmq::Error::EADDRINUSE {
+                    write!(
+                        f,
+                        " (is another broker running? choose another address with --{}-bind)",
+                        &role[..3]
+                    )?;
+                }
+                Ok(())
+            }
+            ServerError::Zmq(what, e) => write!(f, "{what}: {e}"),
+            ServerError::Io(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// Stops a running [`Server`] from any thread.
+#[derive(Clone, Debug)]
+pub struct Stopper {
+    requested: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl Stopper {
+    /// Asks the server to stop: it stops reading publishers, flushes queued
+    /// messages for up to the configured linger and returns from `run`.
+    pub fn stop(&self) {
+        self.requested.store(true, Ordering::Release);
+        // A failed wake only delays the stop until the next timer.
+        let _ = self.waker.wake();
+    }
+}
+
+/// Reads the broker's latest counters from any thread; refreshed every
+/// timer tick (at most a second apart, more often with a short
+/// `sub_timeout`).
+#[derive(Clone, Debug, Default)]
+pub struct StatsHandle(Arc<Mutex<Snapshot>>);
+
+impl StatsHandle {
+    /// The counters as of the last tick.
+    pub fn snapshot(&self) -> Snapshot {
+        match self.0.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
+        match self.0.lock() {
+            Ok(mut guard) => *guard = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        }
+    }
+}
+
+/// Sends the core's output on a ROUTER socket (with `ZMQ_ROUTER_MANDATORY`
+/// set), never blocking. Public so that benches and tests drive the real
+/// send path.
+pub struct RouterTransport<'a> {
+    socket: &'a mut zmq::Socket,
+}
+
+impl<'a> RouterTransport<'a> {
+    /// Sends on `socket`.
+    pub fn new(socket: &'a mut zmq::Socket) -> Self {
+        RouterTransport { socket }
+    }
+
+    /// Sends the routing frame. With `ZMQ_ROUTER_MANDATORY` this is where a
+    /// full pipe (`EAGAIN`) or an unknown peer (`EHOSTUNREACH`) shows; once
+    /// it is accepted, libzmq takes the rest of the message whole.
+    fn address(&mut self, routing_id: &[u8]) -> SendOutcome {
+        match Frame::from_slice(routing_id).send(self.socket, zmq::SNDMORE | zmq::DONTWAIT) {
+            Ok(()) => SendOutcome::Sent,
+            Err(zmq::Error::EAGAIN) => SendOutcome::WouldBlock,
+            Err(_) => SendOutcome::Unreachable,
+        }
+    }
+}
+
+impl Transport<Frame> for RouterTransport<'_> {
+    fn deliver(
+        &mut self,
+        routing_id: &[u8],
+        seq: u64,
+        topic: &[u8],
+        payload: &mut Frame,
+    ) -> SendOutcome {
+        match self.address(routing_id) {
+            SendOutcome::Sent => {}
+            other => return other,
+        }
+        let sent = Frame::header(seq, topic)
+            .send(self.socket, zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| payload.share().send(self.socket, zmq::DONTWAIT));
+        match sent {
+            Ok(()) => SendOutcome::Sent,
+            Err(_) => SendOutcome::Unreachable,
+        }
+    }
+
+    fn reply(&mut self, routing_id: &[u8], frames: &[&[u8]]) -> SendOutcome {
+        match self.address(routing_id) {
+            SendOutcome::Sent => {}
+            other => return other,
+        }
+        for (i, frame) in frames.iter().enumerate() {
+            let flags = if i + 1 < frames.len() {
+                zmq::SNDMORE | zmq::DONTWAIT
+            } else {
+                zmq::DONTWAIT
+            };
+            if Frame::from_slice(frame).send(self.socket, flags).is_err() {
+                return SendOutcome::Unreachable;
+            }
+        }
+        SendOutcome::Sent
+    }
+}
+
+/// The running broker: two bound sockets, a poller and the core.
+pub struct Server {
+    // Field order is drop order: sockets must close before the context.
+    pull: zmq::Socket,
+    router: zmq::Socket,
+    _context: zmq::Context,
+    poll: Poll,
+    core: Broker<Frame>,
+    pub_endpoint: String,
+    sub_endpoint: String,
+    stopper: Stopper,
+    stats: StatsHandle,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    /// Receive buffers reused for every message: topic and payload.
+    publish_frames: [Frame; 2],
+    /// Routing id, then up to three command frames.
+    command_frames: [Frame; 4],
+    /// Swallows the extra parts of a malformed message.
+    overflow_frame: Frame,
+}
+
+fn zmq_call<T>(what: &'static str, result: zmq::Result<T>) -> Result<T, ServerError> {
+    result.map_err(|e| ServerError::Zmq(what, e))
+}
+
+fn set_common_options(socket: &zmq::Socket, config: &Config) -> Result<(), ServerError> {
+    let heartbeat = config.zmtp_heartbeat.as_millis().min(i32::MAX as u128) as i32;
+    zmq_call("set ZMQ_HEARTBEAT_IVL", socket.set_heartbeat_ivl(heartbeat))?;
+    zmq_call(
+        "set ZMQ_HEARTBEAT_TIMEOUT",
+        socket.set_heartbeat_timeout(heartbeat.saturating_mul(3)),
+    )?;
+    zmq_call(
+        "set ZMQ_MAXMSGSIZE",
+        socket.set_maxmsgsize(config.limits.max_message_size),
+    )?;
+    zmq_call("set ZMQ_LINGER", socket.set_linger(0))?;
+    Ok(())
+}
+
+fn bind(socket: &zmq::Socket, role: &'static str, endpoint: &str) -> Result<String, ServerError> {
+    socket.bind(endpoint).map_err(|source| ServerError::Bind {
+        role,
+        endpoint: endpoint.to_string(),
+        source,
+    })?;
+    // For `tcp://host:*` or port 0, this is the port the system picked.
+    let bound = zmq_call("read ZMQ_LAST_ENDPOINT", socket.get_last_endpoint())?;
+    Ok(bound.unwrap_or_else(|_| endpoint.to_string()))
+}
+
+fn register(poll: &Poll, fd: RawFd, token: Token) -> Result<(), ServerError> {
+    poll.registry()
+        .register(&mut SourceFd(&fd), token, Interest::READABLE)
+        .map_err(|e| ServerError::Io("register a socket with the poller", e))
+}
+
+fn has_input(socket: &zmq::Socket) -> Result<bool, ServerError> {
+    Ok(zmq_call("read ZMQ_EVENTS", socket.get_events())?.contains(zmq::POLLIN))
+}
+
+impl Server {
+    /// Creates both sockets, sets their options and binds them. The broker
+    /// does nothing until [`Server::run`].
+    pub fn bind(config: Config) -> Result<Server, ServerError> {
+        let context = zmq::Context::new();
+        let pull = zmq_call("create the PULL socket", context.socket(zmq::PULL))?;
+        set_common_options(&pull, &config)?;
+        zmq_call("set ZMQ_RCVHWM", pull.set_rcvhwm(config.hwm))?;
+        let pub_endpoint = bind(&pull, "publisher", &config.pub_bind)?;
+
+        let router = zmq_call("create the ROUTER socket", context.socket(zmq::ROUTER))?;
+        set_common_options(&router, &config)?;
+        // Without MANDATORY, ROUTER silently drops what it cannot send; with
+        // it, a full pipe is EAGAIN (queue and retry) and a vanished peer is
+        // EHOSTUNREACH (free it at once).
+        zmq_call(
+            "set ZMQ_ROUTER_MANDATORY",
+            router.set_router_mandatory(true),
+        )?;
+        zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(config.hwm))?;
+        zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(config.hwm))?;
+        let sub_endpoint = bind(&router, "subscriber", &config.sub_bind)?;
+
+        let poll = Poll::new().map_err(|e| ServerError::Io("create the poller", e))?;
+        register(&poll, zmq_call("read ZMQ_FD", pull.get_fd())?, PUBLISHERS)?;
+        register(
+            &poll,
+            zmq_call("read ZMQ_FD", router.get_fd())?,
+            SUBSCRIBERS,
+        )?;
+        let waker = Waker::new(poll.registry(), WAKER)
+            .map_err(|e| ServerError::Io("create the stop waker", e))?;
+
+        tracing::info!(endpoint = %pub_endpoint, "publishers connect a PUSH socket to");
+        tracing::info!(endpoint = %sub_endpoint, "subscribers connect a DEALER socket to");
+        Ok(Server {
+            pull,
+            router,
+            _context: context,
+            poll,
+            core: Broker::new(config, Instant::now()),
+            pub_endpoint,
+            sub_endpoint,
+            stopper: Stopper {
+                requested: Arc::new(AtomicBool::new(false)),
+                waker: Arc::new(waker),
+            },
+            stats: StatsHandle::default(),
+            signals: None,
+            publish_frames: Default::default(),
+            command_frames: Default::default(),
+            overflow_frame: Frame::new(),
+        })
+    }
+
+    /// The endpoint publishers connect to, as bound (port resolved).
+    pub fn pub_endpoint(&self) -> &str {
+        &self.pub_endpoint
+    }
+
+    /// The endpoint subscribers connect to, as bound (port resolved).
+    pub fn sub_endpoint(&self) -> &str {
+        &self.sub_endpoint
+    }
+
+    /// A handle that stops [`Server::run`] from another thread.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// A handle on the broker's counters, readable from any thread.
+    pub fn stats(&self) -> StatsHandle {
+        self.stats.clone()
+    }
+
+    /// Makes SIGINT and SIGTERM stop the server like [`Stopper::stop`].
+    pub fn stop_on_signals(&mut self) -> Result<(), ServerError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM])
+            .map_err(|e| ServerError::Io("install signal handlers", e))?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| ServerError::Io("register signal handlers", e))?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// Runs the loop until stopped, then flushes queues for up to the
+    /// configured linger. Returns the final counters.
+    pub fn run(mut self) -> Result<Snapshot, ServerError> {
+        let mut events = Events::with_capacity(8);
+        let mut next_tick = Instant::now();
+        loop {
+            let now = Instant::now();
+            let busy = self.read_publishers(now)? == BATCH;
+            let busy = self.read_subscribers(now)? == BATCH || busy;
+            let backlogged = self.core.flush(&mut RouterTransport::new(&mut self.router));
+            if now >= next_tick {
+                next_tick = self
+                    .core
+                    .tick(now, &mut RouterTransport::new(&mut self.router));
+                self.stats.publish(self.core.snapshot());
+            }
+            if self.stopper.requested.load(Ordering::Acquire) {
+                break;
+            }
+            let timeout = if busy || has_input(&self.pull)? || has_input(&self.router)? {
+                Duration::ZERO
+            } else if backlogged {
+                // No per-peer writability event exists for ROUTER; retry soon.
+                Duration::from_millis(1)
+            } else {
+                next_tick.saturating_duration_since(now)
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ServerError::Io("wait for events", e)),
+            }
+            if events.iter().any(|e| e.token() == SIGNALS) {
+                if let Some(signals) = self.signals.as_mut() {
+                    for signal in signals.pending() {
+                        tracing::info!(signal, "stopping on signal");
+                    }
+                }
+                self.stopper.requested.store(true, Ordering::Release);
+            }
+        }
+        self.shut_down()
+    }
+
+    /// Reads up to [`BATCH`] publisher messages; returns how many.
+    fn read_publishers(&mut self, now: Instant) -> Result<usize, ServerError> {
+        for n in 0..BATCH {
+            match self.publish_frames[0].recv(&mut self.pull, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => return Ok(n),
+                Err(e) => return Err(ServerError::Zmq("receive from publishers", e)),
+            }
+            let count = receive_rest(
+                &mut self.pull,
+                &mut self.publish_frames,
+                &mut self.overflow_frame,
+            )?;
+            let kept = count.min(self.publish_frames.len());
+            let _ = self.core.on_publish(
+                &mut self.publish_frames[..kept],
+                count,
+                now,
+                &mut RouterTransport::new(&mut self.router),
+            );
+        }
+        Ok(BATCH)
+    }
+
+    /// Reads up to [`BATCH`] subscriber messages; returns how many.
+    fn read_subscribers(&mut self, now: Instant) -> Result<usize, ServerError> {
+        for n in 0..BATCH {
+            match self.command_frames[0].recv(&mut self.router, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => return Ok(n),
+                Err(e) => return Err(ServerError::Zmq("receive from subscribers", e)),
+            }
+            // Frame 0 is the routing id ROUTER prepends.
+            let count = receive_rest(
+                &mut self.router,
+                &mut self.command_frames,
+                &mut self.overflow_frame,
+            )?;
+            let [routing_id, rest @ ..] = &self.command_frames;
+            let kept = (count - 1).min(rest.len());
+            let mut frames: [&[u8]; 3] = [&[]; 3];
+            for (slot, frame) in frames.iter_mut().zip(&rest[..kept]) {
+                *slot = frame.bytes();
+            }
+            self.core.on_command(
+                routing_id.bytes(),
+                &frames[..kept],
+                count - 1,
+                now,
+                &mut RouterTransport::new(&mut self.router),
+            );
+        }
+        Ok(BATCH)
+    }
+
+    /// Stops reading publishers, flushes queued messages to subscribers for
+    /// up to the linger, and logs the final counters.
+    fn shut_down(mut self) -> Result<Snapshot, ServerError> {
+        let deadline = Instant::now() + self.core.config().linger;
+        // Closing PULL here refuses new messages; publishers' PUSH sockets
+        // keep theirs queued for the next broker.
+        drop(std::mem::replace(
+            &mut self.pull,
+            zmq_call(
+                "create a placeholder socket",
+                self._context.socket(zmq::PULL),
+            )?,
+        ));
+        while self.core.queued_messages() > 0 && Instant::now() < deadline {
+            self.core.flush(&mut RouterTransport::new(&mut self.router));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // What libzmq already holds goes out within the rest of the linger.
+        let rest = deadline.saturating_duration_since(Instant::now());
+        zmq_call(
+            "set ZMQ_LINGER",
+            self.router
+                .set_linger(rest.as_millis().min(i32::MAX as u128) as i32),
+        )?;
+        let snapshot = self.core.snapshot();
+        self.stats.publish(snapshot.clone());
+        tracing::info!(
+            published = snapshot.counters.published,
+            routed = snapshot.counters.routed,
+            delivered = snapshot.counters.delivered,
+            dropped_queue_full = snapshot.counters.dropped_queue_full,
+            dropped_at_exit = snapshot.queued_messages,
+            malformed =
+                snapshot.counters.malformed_publishes + snapshot.counters.malformed_commands,
+            subscribers = snapshot.subscribers,
+            "broker stopped"
+        );
+        Ok(snapshot)
+    }
+}
+
+/// Receives the remaining parts of a message whose first part is in
+/// `frames[0]`: into `frames` while they last, then into `overflow` (so a
+/// hostile many-part message costs no memory). Returns the part count. The
+/// parts of a message arrive together, so this never waits.
+fn receive_rest(
+    socket: &mut zmq::Socket,
+    frames: &mut [Frame],
+    overflow: &mut Frame,
+) -> Result<usize, ServerError> {
+    let mut count = 1;
+    let mut more = frames[0].more();
+    while more {
+        let slot = match frames.get_mut(count) {
+            Some(frame) => frame,
+            None => &mut *overflow,
+        };
+        zmq_call("receive a message part", slot.recv(socket, 0))?;
+        more = slot.more();
+        count += 1;
+    }
+    Ok(count)
+}
