@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod filter;
 pub mod frame;
