@@ -424,10 +424,21 @@ impl Subscriber {
     /// resync to completion.
     fn maintain(&mut self) -> Result<(), ClientError> {
         let now = Instant::now();
-        if now.saturating_duration_since(self.last_ping) >= self.options.broker_sub_timeout
-            && !self.filters.is_empty()
-        {
+        let since_ping = now.saturating_duration_since(self.last_ping);
+        let stall_limit = self
+            .options
+            .broker_sub_timeout
+            .saturating_sub(self.options.heartbeat);
+        if since_ping >= stall_limit && !self.filters.is_empty() {
+            // The broker may have forgotten us, or closed the connection:
+            // never write on a connection that may be dead while its input
+            // is stalled (see `open`), start afresh.
+            self.reopen()?;
             self.request_resync(ResyncReason::Stalled);
+        } else if since_ping >= self.options.heartbeat * 2 {
+            // This thread was not listening, so the broker's silence over
+            // that time means nothing.
+            self.last_heard = now;
         }
         if now.saturating_duration_since(self.last_ping) >= self.options.heartbeat {
             // A full pipe means the broker is not reading; the silence check
@@ -616,9 +627,14 @@ fn open(
     let socket = context.socket(zmq::DEALER)?;
     socket.set_rcvhwm(options.hwm)?;
     socket.set_linger(0)?;
-    let heartbeat = millis(options.heartbeat);
-    socket.set_heartbeat_ivl(heartbeat)?;
-    socket.set_heartbeat_timeout(heartbeat.saturating_mul(3))?;
+    // ZMTP heartbeats tell the broker we are alive even while this thread is
+    // busy, but this side never times out on them: libzmq 4.3 aborts
+    // (`Assertion failed: _input_stopped`, zeromq/libzmq#3937) when a
+    // connecting socket's engine dies while backpressure has stopped its
+    // input. Broker silence is judged by PING/PONG instead, and recovery
+    // always opens a fresh socket.
+    socket.set_heartbeat_ivl(millis(options.heartbeat))?;
+    socket.set_heartbeat_timeout(millis(Duration::from_secs(24 * 3600)))?;
     // Reconnect quickly after a broker restart: the default backs off to
     // 100 ms, keep it there.
     socket.set_reconnect_ivl(100)?;

@@ -209,9 +209,18 @@ fn zmq_call<T>(what: &'static str, result: zmq::Result<T>) -> Result<T, ServerEr
 fn set_common_options(socket: &zmq::Socket, config: &Config) -> Result<(), ServerError> {
     let heartbeat = config.zmtp_heartbeat.as_millis().min(i32::MAX as u128) as i32;
     zmq_call("set ZMQ_HEARTBEAT_IVL", socket.set_heartbeat_ivl(heartbeat))?;
+    // A peer whose input is stalled by backpressure cannot answer ZMTP
+    // pings, so a short timeout would disconnect every slow consumer (and
+    // turn drop-new into disconnect). Dead peers are dropped after the same
+    // time the protocol forgets a silent subscriber.
+    let timeout = config
+        .sub_timeout
+        .max(config.zmtp_heartbeat * 3)
+        .as_millis()
+        .min(i32::MAX as u128) as i32;
     zmq_call(
         "set ZMQ_HEARTBEAT_TIMEOUT",
-        socket.set_heartbeat_timeout(heartbeat.saturating_mul(3)),
+        socket.set_heartbeat_timeout(timeout),
     )?;
     zmq_call(
         "set ZMQ_MAXMSGSIZE",
