@@ -1,6 +1,6 @@
 //! The `zbroker` command: argument parsing over the library.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -141,6 +141,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -187,6 +188,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             for filter in &filters {
                 subscriber.subscribe(filter)?;
             }
+            tracing::info!(filters = filters.len(), %endpoint, "subscribed");
             let mut stdout = std::io::stdout().lock();
             let mut seen = 0;
             while count.is_none_or(|n| seen < n) {
