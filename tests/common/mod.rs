@@ -1,0 +1,211 @@
+//! Shared test harness: an in-process broker on real tcp/ipc sockets and a
+//! raw protocol-level subscriber.
+#![allow(dead_code)]
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use zbroker::config::Config;
+use zbroker::metrics::Snapshot;
+use zbroker::server::{Server, StatsHandle, Stopper};
+
+/// The two transports every network test runs over.
+#[derive(Clone, Copy, Debug)]
+pub enum Transport {
+    Tcp,
+    Ipc,
+}
+
+pub const TRANSPORTS: [Transport; 2] = [Transport::Tcp, Transport::Ipc];
+
+/// A broker running on its own thread; stopped and joined on drop.
+pub struct TestBroker {
+    pub pub_endpoint: String,
+    pub sub_endpoint: String,
+    pub stats: StatsHandle,
+    stopper: Stopper,
+    thread: Option<JoinHandle<Snapshot>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestBroker {
+    /// Starts a broker on loopback tcp (ports picked by the system) or on
+    /// ipc paths in a fresh temporary directory.
+    pub fn start(transport: Transport, mut config: Config) -> TestBroker {
+        let dir = match transport {
+            Transport::Tcp => {
+                config.pub_bind = "tcp://127.0.0.1:*".into();
+                config.sub_bind = "tcp://127.0.0.1:*".into();
+                None
+            }
+            Transport::Ipc => {
+                let dir = tempfile::tempdir().expect("create a temp dir");
+                config.pub_bind = format!("ipc://{}/pub", dir.path().display());
+                config.sub_bind = format!("ipc://{}/sub", dir.path().display());
+                Some(dir)
+            }
+        };
+        TestBroker::start_on(config, dir)
+    }
+
+    /// Starts a broker on exactly the configured endpoints.
+    pub fn start_on(config: Config, dir: Option<tempfile::TempDir>) -> TestBroker {
+        let server = Server::bind(config).expect("bind the broker");
+        let pub_endpoint = server.pub_endpoint().to_string();
+        let sub_endpoint = server.sub_endpoint().to_string();
+        let stats = server.stats();
+        let stopper = server.stopper();
+        let thread = std::thread::spawn(move || server.run().expect("broker loop"));
+        TestBroker {
+            pub_endpoint,
+            sub_endpoint,
+            stats,
+            stopper,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    /// Stops the broker and returns its final counters.
+    pub fn stop(mut self) -> Snapshot {
+        self.stop_inner().expect("broker thread")
+    }
+
+    fn stop_inner(&mut self) -> Option<Snapshot> {
+        self.stopper.stop();
+        self.thread.take()?.join().ok()
+    }
+
+    /// Polls the broker's counters until `done` holds, failing the test if it
+    /// does not within `limit`. For state with no handshake to wait on
+    /// (expiry), this is the only way to observe it.
+    pub fn wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&Snapshot) -> bool,
+    ) -> Snapshot {
+        let deadline = Instant::now() + limit;
+        loop {
+            let snapshot = self.stats.snapshot();
+            if done(&snapshot) {
+                return snapshot;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {snapshot:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// A config for tests: short timeouts so expiry and ticks happen quickly.
+pub fn test_config() -> Config {
+    Config {
+        sub_timeout: Duration::from_secs(2),
+        linger: Duration::from_millis(200),
+        ..Config::default()
+    }
+}
+
+/// A subscriber speaking protocol v1 by hand on a raw DEALER socket.
+pub struct RawSubscriber {
+    pub socket: zmq::Socket,
+}
+
+pub const RECV_TIMEOUT_MS: i32 = 10_000;
+
+impl RawSubscriber {
+    pub fn connect(ctx: &zmq::Context, endpoint: &str) -> RawSubscriber {
+        let socket = ctx.socket(zmq::DEALER).unwrap();
+        socket.set_linger(0).unwrap();
+        socket.set_rcvtimeo(RECV_TIMEOUT_MS).unwrap();
+        socket.set_rcvhwm(0).unwrap();
+        socket.connect(endpoint).unwrap();
+        RawSubscriber { socket }
+    }
+
+    pub fn send(&self, frames: &[&[u8]]) {
+        self.socket.send_multipart(frames, 0).unwrap();
+    }
+
+    /// Receives one message; panics after RECV_TIMEOUT_MS.
+    pub fn recv(&self) -> Vec<Vec<u8>> {
+        self.socket
+            .recv_multipart(0)
+            .expect("a reply from the broker within the receive timeout")
+    }
+
+    /// Sends a command and returns the broker's reply.
+    pub fn call(&self, frames: &[&[u8]]) -> Vec<Vec<u8>> {
+        self.send(frames);
+        self.recv()
+    }
+
+    /// Subscribes and checks the OK.
+    pub fn subscribe(&self, kind: &str, filter: &[u8]) {
+        let reply = self.call(&[b"SUB", kind.as_bytes(), filter]);
+        assert_eq!(
+            reply,
+            vec![
+                b"OK".to_vec(),
+                b"SUB".to_vec(),
+                kind.as_bytes().to_vec(),
+                filter.to_vec()
+            ]
+        );
+    }
+
+    /// Receives one delivery: (seq, topic, payload).
+    pub fn recv_message(&self) -> (u64, Vec<u8>, Vec<u8>) {
+        let frames = self.recv();
+        assert_eq!(frames.len(), 2, "a delivery is two frames: {frames:?}");
+        let (seq, topic) = zbroker::protocol::parse_header(&frames[0]).expect("a MSG header");
+        (seq, topic.to_vec(), frames[1].clone())
+    }
+}
+
+/// A raw PUSH publisher. Its linger is long: closing a PUSH socket discards
+/// whatever libzmq has not handed to the broker when the linger runs out.
+pub fn publisher(ctx: &zmq::Context, endpoint: &str) -> zmq::Socket {
+    let socket = ctx.socket(zmq::PUSH).unwrap();
+    socket.set_linger(30_000).unwrap();
+    socket.set_sndtimeo(10_000).unwrap();
+    socket.connect(endpoint).unwrap();
+    socket
+}
+
+pub fn publish(socket: &zmq::Socket, topic: &[u8], payload: &[u8]) {
+    socket.send_multipart([topic, payload], 0).unwrap();
+}
+
+/// Deterministic xorshift generator: reproducible random tests without a
+/// dependency. The seed is printed on failure by the callers.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
