@@ -29,3 +29,8 @@ pub mod protocol;
 pub mod server;
 pub mod subscribers;
 pub mod trie;
+
+/// Compiles the README's examples as doc tests, so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
