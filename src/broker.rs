@@ -27,9 +27,9 @@
 //! let now = Instant::now();
 //! let mut broker = Broker::new(Config::default(), now);
 //! let mut out = Log::default();
-//! broker.on_command(b"sub-1", &[b"SUB", b"prefix", b"net."], 3, now, &mut out);
+//! broker.on_command(b"sub-1", None, &[b"SUB", b"prefix", b"net."], 3, now, &mut out);
 //! let mut frames: [Rc<[u8]>; 2] = [Rc::from(&b"net.a"[..]), Rc::from(&b"hello"[..])];
-//! assert_eq!(broker.on_publish(&mut frames, 2, now, &mut out), Ok(1));
+//! assert_eq!(broker.on_publish(None, &mut frames, 2, now, &mut out), Ok(1));
 //! assert_eq!(out.0, vec![(b"sub-1".to_vec(), 1)]);
 //! ```
 
@@ -281,15 +281,18 @@ impl<P: Payload> Broker<P> {
     }
 
     /// Routes one publisher message. `frames` holds the first frames received
-    /// (at most 2 are looked at), `frame_count` how many the message had.
+    /// (at most 2 are looked at), `frame_count` how many the message had, and
+    /// `key` the publisher's authenticated CURVE key (Z85), if any.
     /// Returns how many subscribers it was routed to, or why it was dropped.
     pub fn on_publish(
         &mut self,
+        key: Option<&str>,
         frames: &mut [P],
         frame_count: usize,
         now: Instant,
         out: &mut impl Transport<P>,
     ) -> Result<usize, PublishError> {
+        let _ = key; // access control arrives with issue 4
         let checked = match frames {
             [topic, payload] => protocol::check_publish(
                 frame_count,
@@ -350,17 +353,20 @@ impl<P: Payload> Broker<P> {
         Ok(routed)
     }
 
-    /// Handles one message from a subscriber: `frames` holds its first
-    /// frames (at most 3 are looked at), `frame_count` how many it had.
-    /// Every command is answered, with `OK`, `PONG` or `ERR`.
+    /// Handles one message from a subscriber: `routing_id` is its ROUTER
+    /// routing id, `key` its authenticated CURVE key (Z85), if any, `frames`
+    /// holds its first frames (at most 3 are looked at), `frame_count` how
+    /// many it had. Every command is answered, with `OK`, `PONG` or `ERR`.
     pub fn on_command(
         &mut self,
         routing_id: &[u8],
+        key: Option<&str>,
         frames: &[&[u8]],
         frame_count: usize,
         now: Instant,
         out: &mut impl Transport<P>,
     ) {
+        let _ = key;
         let known = self.subs.lookup(routing_id);
         if let Some(sub) = known.and_then(|id| self.subs.get_mut(id)) {
             sub.last_heard = now;
@@ -781,11 +787,11 @@ mod tests {
 
     fn publish(b: &mut Broker<Bytes>, out: &mut Recorder, topic: &str, now: Instant) -> usize {
         let mut frames: [Bytes; 2] = [Rc::from(topic.as_bytes()), Rc::from(&b"p"[..])];
-        b.on_publish(&mut frames, 2, now, out).unwrap()
+        b.on_publish(None, &mut frames, 2, now, out).unwrap()
     }
 
     fn command(b: &mut Broker<Bytes>, out: &mut Recorder, who: &[u8], frames: &[&[u8]]) {
-        b.on_command(who, frames, frames.len(), Instant::now(), out);
+        b.on_command(who, None, frames, frames.len(), Instant::now(), out);
     }
 
     fn last_reply(out: &Recorder) -> Vec<&[u8]> {
@@ -831,7 +837,7 @@ mod tests {
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"HELLO"]);
         assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"bad-command"]);
-        b.on_command(b"a", &[b"SUB", b"exact", b"x"], 9, now, &mut out);
+        b.on_command(b"a", None, &[b"SUB", b"exact", b"x"], 9, now, &mut out);
         assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"bad-command"]);
         command(&mut b, &mut out, b"a", &[b"SUB", b"pattern", b">.x"]);
         assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"bad-filter"]);
@@ -839,12 +845,12 @@ mod tests {
         assert_eq!(b.subscriber_count(), 0, "bad commands register nobody");
         let mut one: [Bytes; 1] = [Rc::from(&b"t"[..])];
         assert_eq!(
-            b.on_publish(&mut one, 1, now, &mut out),
+            b.on_publish(None, &mut one, 1, now, &mut out),
             Err(PublishError::FrameCount(1))
         );
         let mut three: [Bytes; 2] = [Rc::from(&b"t"[..]), Rc::from(&b"p"[..])];
         assert_eq!(
-            b.on_publish(&mut three, 3, now, &mut out),
+            b.on_publish(None, &mut three, 3, now, &mut out),
             Err(PublishError::FrameCount(3))
         );
         assert_eq!(b.counters().malformed_publishes, 2);

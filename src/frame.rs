@@ -107,6 +107,24 @@ impl Frame {
         unsafe { zmq_sys::zmq_msg_more(&self.msg) != 0 }
     }
 
+    /// The authenticated user of the connection this part arrived on: with
+    /// CURVE, the Z85 public key our ZAP handler admitted. `None` without
+    /// authentication.
+    pub fn user_id(&self) -> Option<&str> {
+        let property = c"User-Id";
+        let ptr = &self.msg as *const _ as *mut zmq_sys::zmq_msg_t;
+        // SAFETY: zmq_msg_gets reads the metadata of a received message and
+        // returns a NUL-terminated string owned by the message, or NULL.
+        let value = unsafe { zmq_sys::zmq_msg_gets(ptr, property.as_ptr()) };
+        if value.is_null() {
+            return None;
+        }
+        // SAFETY: non-NULL results are valid C strings while `self` lives.
+        let value = unsafe { std::ffi::CStr::from_ptr(value) };
+        let value = value.to_str().ok()?;
+        (!value.is_empty()).then_some(value)
+    }
+
     /// Receives the next part from `socket` into this frame, replacing what
     /// it held. With `zmq::DONTWAIT`, `Err(EAGAIN)` means nothing is waiting.
     pub fn recv(&mut self, socket: &mut zmq::Socket, flags: i32) -> zmq::Result<()> {

@@ -186,7 +186,7 @@ pub struct Server {
     // Field order is drop order: sockets must close before the context.
     pull: zmq::Socket,
     router: zmq::Socket,
-    _context: zmq::Context,
+    context: zmq::Context,
     poll: Poll,
     core: Broker<Frame>,
     pub_endpoint: String,
@@ -200,6 +200,9 @@ pub struct Server {
     command_frames: [Frame; 4],
     /// Swallows the extra parts of a malformed message.
     overflow_frame: Frame,
+    /// The sender's CURVE key, copied out of the frame it came with so the
+    /// frames can be lent mutably; reused, so it does not allocate.
+    user_id: String,
 }
 
 fn zmq_call<T>(what: &'static str, result: zmq::Result<T>) -> Result<T, ServerError> {
@@ -289,7 +292,7 @@ impl Server {
         Ok(Server {
             pull,
             router,
-            _context: context,
+            context,
             poll,
             core: Broker::new(config, Instant::now()),
             pub_endpoint,
@@ -303,6 +306,7 @@ impl Server {
             publish_frames: Default::default(),
             command_frames: Default::default(),
             overflow_frame: Frame::new(),
+            user_id: String::new(),
         })
     }
 
@@ -314,6 +318,12 @@ impl Server {
     /// The endpoint subscribers connect to, as bound (port resolved).
     pub fn sub_endpoint(&self) -> &str {
         &self.sub_endpoint
+    }
+
+    /// The server's ZeroMQ context: `inproc://` endpoints are only reachable
+    /// from sockets of the same context (in-process benches and tests).
+    pub fn context(&self) -> zmq::Context {
+        self.context.clone()
     }
 
     /// A handle that stops [`Server::run`] from another thread.
@@ -397,7 +407,9 @@ impl Server {
                 &mut self.overflow_frame,
             )?;
             let kept = count.min(self.publish_frames.len());
+            let key = copy_user_id(&self.publish_frames[0], &mut self.user_id);
             let _ = self.core.on_publish(
+                key,
                 &mut self.publish_frames[..kept],
                 count,
                 now,
@@ -427,8 +439,10 @@ impl Server {
             for (slot, frame) in frames.iter_mut().zip(&rest[..kept]) {
                 *slot = frame.bytes();
             }
+            let key = copy_user_id(routing_id, &mut self.user_id);
             self.core.on_command(
                 routing_id.bytes(),
+                key,
                 &frames[..kept],
                 count - 1,
                 now,
@@ -448,7 +462,7 @@ impl Server {
             &mut self.pull,
             zmq_call(
                 "create a placeholder socket",
-                self._context.socket(zmq::PULL),
+                self.context.socket(zmq::PULL),
             )?,
         ));
         while self.core.queued_messages() > 0 && Instant::now() < deadline {
@@ -477,6 +491,13 @@ impl Server {
         );
         Ok(snapshot)
     }
+}
+
+/// Copies `frame`'s authenticated user id into `buf` and returns it.
+fn copy_user_id<'a>(frame: &Frame, buf: &'a mut String) -> Option<&'a str> {
+    buf.clear();
+    buf.push_str(frame.user_id()?);
+    Some(buf)
 }
 
 /// Receives the remaining parts of a message whose first part is in

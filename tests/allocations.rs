@@ -84,6 +84,7 @@ fn fan_out_allocates_nothing_per_message_per_subscriber() {
         let sub: [&[u8]; 3] = [b"SUB", b"prefix", b"node."];
         broker.on_command(
             &frames[0],
+            None,
             &sub,
             3,
             now,
@@ -99,7 +100,13 @@ fn fan_out_allocates_nothing_per_message_per_subscriber() {
                 Frame::from_slice(&payload),
             ];
             let routed = broker
-                .on_publish(&mut frames, 2, now, &mut RouterTransport::new(&mut router))
+                .on_publish(
+                    None,
+                    &mut frames,
+                    2,
+                    now,
+                    &mut RouterTransport::new(&mut router),
+                )
                 .unwrap();
             assert_eq!(routed, PEERS, "message {i}");
         }
