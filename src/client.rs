@@ -77,6 +77,52 @@ fn millis(d: Duration) -> i32 {
     d.as_millis().min(i32::MAX as u128) as i32
 }
 
+/// A client's CURVE credentials: its own key pair and the broker's public
+/// key, all Z85.
+#[derive(Clone)]
+pub struct CurveKeys {
+    /// The broker's public key (`zbroker keygen`'s `.pub` file).
+    pub server_public: String,
+    /// This client's public key; must be listed in the broker's key file.
+    pub public: String,
+    /// This client's secret key.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for CurveKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CurveKeys")
+            .field("server_public", &self.server_public)
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CurveKeys {
+    /// Reads the broker's public key file and this client's secret key file
+    /// (both as written by `zbroker keygen`).
+    pub fn from_files(
+        server_public: &std::path::Path,
+        own_secret: &std::path::Path,
+    ) -> Result<CurveKeys, crate::auth::AuthError> {
+        let own = crate::auth::read_secret_key(own_secret)?;
+        Ok(CurveKeys {
+            server_public: crate::auth::read_public_key(server_public)?,
+            public: own.public,
+            secret: own.secret,
+        })
+    }
+
+    fn apply(&self, socket: &zmq::Socket) -> Result<(), ClientError> {
+        let decode =
+            |key: &str| zmq::z85_decode(key).map_err(|_| ClientError::Zmq(zmq::Error::EINVAL));
+        socket.set_curve_serverkey(&decode(&self.server_public)?)?;
+        socket.set_curve_publickey(&decode(&self.public)?)?;
+        socket.set_curve_secretkey(&decode(&self.secret)?)?;
+        Ok(())
+    }
+}
+
 /// Settings of a [`Publisher`].
 #[derive(Clone, Debug)]
 pub struct PublisherOptions {
@@ -90,6 +136,8 @@ pub struct PublisherOptions {
     pub linger: Duration,
     /// Messages libzmq queues for the broker before `publish` blocks.
     pub hwm: i32,
+    /// CURVE credentials, for a broker that requires them.
+    pub curve: Option<CurveKeys>,
 }
 
 impl Default for PublisherOptions {
@@ -98,6 +146,7 @@ impl Default for PublisherOptions {
             send_timeout: Some(Duration::from_secs(5)),
             linger: Duration::from_secs(5),
             hwm: 1000,
+            curve: None,
         }
     }
 }
@@ -130,6 +179,9 @@ impl Publisher {
         socket.set_linger(millis(options.linger))?;
         socket.set_heartbeat_ivl(1000)?;
         socket.set_heartbeat_timeout(3000)?;
+        if let Some(curve) = &options.curve {
+            curve.apply(&socket)?;
+        }
         socket.connect(endpoint)?;
         Ok(Publisher {
             socket,
@@ -169,6 +221,8 @@ pub struct SubscriberOptions {
     pub confirm_timeout: Duration,
     /// Messages libzmq buffers from the broker before the broker queues.
     pub hwm: i32,
+    /// CURVE credentials, for a broker that requires them.
+    pub curve: Option<CurveKeys>,
 }
 
 impl Default for SubscriberOptions {
@@ -179,6 +233,7 @@ impl Default for SubscriberOptions {
             broker_sub_timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(5),
             hwm: 1000,
+            curve: None,
         }
     }
 }
@@ -639,6 +694,9 @@ fn open(
     // 100 ms, keep it there.
     socket.set_reconnect_ivl(100)?;
     socket.set_reconnect_ivl_max(1000)?;
+    if let Some(curve) = &options.curve {
+        curve.apply(&socket)?;
+    }
     let monitor_endpoint = format!(
         "inproc://zbroker-subscriber-monitor-{}",
         MONITOR_IDS.fetch_add(1, Ordering::Relaxed)

@@ -15,10 +15,12 @@
 //! - [`frame`]: zero-copy shared ZeroMQ message parts;
 //! - [`server`]: the mio event loop around the core;
 //! - [`client`]: Rust publisher and subscriber;
+//! - [`auth`]: CURVE keys, the ZAP handler and topic ACLs;
 //! - [`config`] and [`metrics`].
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;
