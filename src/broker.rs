@@ -38,6 +38,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::Acl;
 use crate::config::{Config, OverflowPolicy, QueueConfig};
 use crate::filter::Filter;
 use crate::frame::Frame;
@@ -147,19 +148,25 @@ struct Queues {
 }
 
 impl Queues {
-    fn forget<P: Payload>(&mut self, item: &Queued<P>) {
-        self.bytes -= queued_size(item);
-        if matches!(item, Queued::Message { .. }) {
-            self.messages -= 1;
+    /// Accounts for `item` leaving `sub`'s queue (sent or dropped).
+    fn took<P: Payload>(&mut self, sub: &mut Subscriber<P>, item: &Queued<P>) {
+        let size = queued_size(item);
+        self.bytes -= size;
+        sub.queued_bytes -= size;
+        match item {
+            Queued::Message { .. } => self.messages -= 1,
+            Queued::Reply(_) => sub.queued_replies -= 1,
         }
     }
 
     /// Appends `item` to `sub`'s queue within the configured bounds, applying
     /// the overflow policy when they are reached. Returns false if it dropped
     /// `item`.
+    #[allow(clippy::too_many_arguments)] // all of it is the push's context
     fn push<P: Payload>(
         &mut self,
         config: &QueueConfig,
+        max_replies: usize,
         counters: &mut Counters,
         id: SubId,
         sub: &mut Subscriber<P>,
@@ -168,21 +175,23 @@ impl Queues {
     ) -> bool {
         let size = queued_size(&item);
         let is_message = matches!(item, Queued::Message { .. });
-        // Replies are bounded by the command rate, not by the message limits,
-        // so a client waiting for its OK gets it even behind a full queue.
+        // Replies have their own bound rather than the message limits, so a
+        // client waiting for its OK gets it even behind a full queue.
         let fits = |queues: &Queues, sub: &Subscriber<P>| {
             queues.bytes + size <= config.max_total_bytes
-                && (!is_message
-                    || (sub.queue.len() < config.max_messages
-                        && sub.queued_bytes + size <= config.max_bytes))
+                && if is_message {
+                    sub.queue.len() - sub.queued_replies < config.max_messages
+                        && sub.queued_bytes + size <= config.max_bytes
+                } else {
+                    sub.queued_replies < max_replies
+                }
         };
         if config.policy == OverflowPolicy::DropOld {
             while !fits(self, sub) {
                 let Some(old) = sub.queue.pop_front() else {
                     break;
                 };
-                sub.queued_bytes -= queued_size(&old);
-                self.forget(&old);
+                self.took(sub, &old);
                 count_drop(counters, sub, &old);
             }
         }
@@ -200,6 +209,8 @@ impl Queues {
         self.bytes += size;
         if is_message {
             self.messages += 1;
+        } else {
+            sub.queued_replies += 1;
         }
         sub.queue.push_back(item);
         true
@@ -246,6 +257,7 @@ impl LogLimiter {
 ///   filter counts within [`crate::config::Limits`].
 pub struct Broker<P> {
     config: Config,
+    acl: Option<Arc<Acl>>,
     index: RoutingIndex,
     subs: SubscriberTable<P>,
     queues: Queues,
@@ -263,6 +275,7 @@ impl<P: Payload> Broker<P> {
     pub fn new(config: Config, now: Instant) -> Self {
         Broker {
             config,
+            acl: None,
             index: RoutingIndex::new(),
             subs: SubscriberTable::default(),
             queues: Queues::default(),
@@ -273,6 +286,12 @@ impl<P: Payload> Broker<P> {
             publish_log: LogLimiter::default(),
             command_log: LogLimiter::default(),
         }
+    }
+
+    /// Enforces `acl`: publishes and SUBs are checked against the sender's
+    /// key, and senders without a listed key may do neither.
+    pub fn set_acl(&mut self, acl: Arc<Acl>) {
+        self.acl = Some(acl);
     }
 
     /// The configuration it runs with.
@@ -292,7 +311,6 @@ impl<P: Payload> Broker<P> {
         now: Instant,
         out: &mut impl Transport<P>,
     ) -> Result<usize, PublishError> {
-        let _ = key; // access control arrives with issue 4
         let checked = match frames {
             [topic, payload] => protocol::check_publish(
                 frame_count,
@@ -311,8 +329,19 @@ impl<P: Payload> Broker<P> {
                 return Err(e);
             }
         };
+        if let Some(acl) = &self.acl
+            && !acl.may_publish(key, topic.bytes())
+        {
+            self.counters.unauthorized_publishes += 1;
+            self.publish_log.warn(
+                now,
+                format_args!("dropped a publish the key {key:?} may not make"),
+            );
+            return Err(PublishError::Unauthorized);
+        }
+        let payload_len = payload.bytes().len() as u64;
         self.counters.published += 1;
-        self.counters.published_bytes += payload.bytes().len() as u64;
+        self.counters.published_bytes += payload_len;
         self.index.matches(topic.bytes(), &mut self.matched);
         if self.matched.is_empty() {
             self.counters.unmatched += 1;
@@ -330,6 +359,7 @@ impl<P: Payload> Broker<P> {
                 match out.deliver(&sub.routing_id, seq, topic.bytes(), payload) {
                     SendOutcome::Sent => {
                         self.counters.delivered += 1;
+                        self.counters.delivered_bytes += payload_len;
                         continue;
                     }
                     SendOutcome::Unreachable => {
@@ -345,8 +375,15 @@ impl<P: Payload> Broker<P> {
                 topic: topic.share(),
                 payload: payload.share(),
             };
-            self.queues
-                .push(&self.config.queue, &mut self.counters, id, sub, item, now);
+            self.queues.push(
+                &self.config.queue,
+                self.config.limits.max_queued_replies,
+                &mut self.counters,
+                id,
+                sub,
+                item,
+                now,
+            );
         }
         let routed = self.matched.len();
         self.remove_gone();
@@ -366,7 +403,6 @@ impl<P: Payload> Broker<P> {
         now: Instant,
         out: &mut impl Transport<P>,
     ) {
-        let _ = key;
         let known = self.subs.lookup(routing_id);
         if let Some(sub) = known.and_then(|id| self.subs.get_mut(id)) {
             sub.last_heard = now;
@@ -413,14 +449,59 @@ impl<P: Payload> Broker<P> {
             }
             None => self.subs.insert(routing_id, now),
         };
+        if !self.take_command_token(id, now) {
+            self.counters.refused_rate += 1;
+            let text = format!(
+                "more than {} commands per second; slow down",
+                self.config.limits.max_commands_per_sec
+            );
+            self.reply(
+                Some(id),
+                routing_id,
+                Reply::Err(ErrorCode::Limit, text),
+                now,
+                out,
+            );
+            self.remove_gone();
+            return;
+        }
         self.counters.commands += 1;
         let reply = match command {
             Command::Ping => Reply::Pong,
-            Command::Subscribe(filter) => self.subscribe(id, filter),
+            Command::Subscribe(filter) => match &self.acl {
+                Some(acl) if !acl.may_subscribe(key, &filter) => {
+                    self.counters.refused_unauthorized += 1;
+                    Reply::Err(
+                        ErrorCode::Unauthorized,
+                        format!("this key may not subscribe to {filter}"),
+                    )
+                }
+                _ => self.subscribe(id, filter),
+            },
             Command::Unsubscribe(filter) => self.unsubscribe(id, filter),
         };
         self.reply(Some(id), routing_id, reply, now, out);
         self.remove_gone();
+    }
+
+    /// Token bucket: `max_commands_per_sec` sustained. The bucket holds a
+    /// second's worth plus a full filter set, so a client re-subscribing
+    /// everything after a reconnect is never refused.
+    fn take_command_token(&mut self, id: SubId, now: Instant) -> bool {
+        let limits = &self.config.limits;
+        let rate = f64::from(limits.max_commands_per_sec);
+        let capacity = rate + limits.max_filters_per_subscriber as f64;
+        let Some(sub) = self.subs.get_mut(id) else {
+            return false;
+        };
+        let elapsed = now.saturating_duration_since(sub.tokens_at).as_secs_f64();
+        sub.command_tokens = (sub.command_tokens + elapsed * rate).min(capacity);
+        sub.tokens_at = now;
+        if sub.command_tokens < 1.0 {
+            return false;
+        }
+        sub.command_tokens -= 1.0;
+        true
     }
 
     fn subscribe(&mut self, id: SubId, filter: Filter) -> Reply {
@@ -500,6 +581,7 @@ impl<P: Payload> Broker<P> {
         }
         self.queues.push(
             &self.config.queue,
+            self.config.limits.max_queued_replies,
             &mut self.counters,
             id,
             sub,
@@ -531,11 +613,11 @@ impl<P: Payload> Broker<P> {
                         let Some(item) = sub.queue.pop_front() else {
                             break;
                         };
-                        if matches!(item, Queued::Message { .. }) {
+                        if let Queued::Message { payload, .. } = &item {
                             self.counters.delivered += 1;
+                            self.counters.delivered_bytes += payload.bytes().len() as u64;
                         }
-                        sub.queued_bytes -= queued_size(&item);
-                        self.queues.forget(&item);
+                        self.queues.took(sub, &item);
                     }
                     SendOutcome::WouldBlock => break,
                     SendOutcome::Unreachable => {
@@ -621,10 +703,9 @@ impl<P: Payload> Broker<P> {
             self.index.remove(&filter, id);
         }
         for item in std::mem::take(&mut sub.queue) {
-            self.queues.forget(&item);
+            self.queues.took(sub, &item);
             count_drop(&mut self.counters, sub, &item);
         }
-        sub.queued_bytes = 0;
         sub.full_since = None;
         self.counters.slow_disconnects += 1;
         tracing::warn!(
@@ -636,6 +717,7 @@ impl<P: Payload> Broker<P> {
         let text = "cut-off: slow consumer, filters and queue dropped; subscribe again";
         self.queues.push(
             &self.config.queue,
+            self.config.limits.max_queued_replies,
             &mut self.counters,
             id,
             sub,
@@ -656,15 +738,15 @@ impl<P: Payload> Broker<P> {
     /// Frees a subscriber: its filters, its queue (counted as dropped) and its
     /// id. False if it was already gone (an id can be listed twice).
     fn forget(&mut self, id: SubId) -> bool {
-        let Some(sub) = self.subs.remove(id) else {
+        let Some(mut sub) = self.subs.remove(id) else {
             return false;
         };
         for filter in &sub.filters {
             self.index.remove(filter, id);
         }
         if !sub.queue.is_empty() {
-            for item in &sub.queue {
-                self.queues.forget(item);
+            for item in std::mem::take(&mut sub.queue) {
+                self.queues.took(&mut sub, &item);
                 if matches!(item, Queued::Message { .. }) {
                     self.counters.dropped_subscriber_gone += 1;
                 }
@@ -683,6 +765,7 @@ impl<P: Payload> Broker<P> {
             subscriptions: self.index.len() as u64,
             queued_messages: self.queues.messages as u64,
             queued_bytes: self.queues.bytes as u64,
+            connections: Default::default(),
             max_queue_depth: self
                 .queues
                 .backlog

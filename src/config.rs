@@ -1,7 +1,25 @@
-//! Broker configuration: endpoints, limits, queue policy and timeouts, with
-//! the embedded defaults `zbroker run` starts on.
+//! Broker configuration: endpoints, limits, queue policy, timeouts and
+//! security, with the embedded defaults `zbroker run` starts on.
+//!
+//! The same structure is read from a TOML file (`zbroker run --config`);
+//! every field is optional there and falls back to its default. Durations
+//! are written like `"10s"` or `"250ms"`.
+//!
+//! ```
+//! let config = zbroker::config::Config::from_toml(r#"
+//!     sub_bind = "tcp://127.0.0.1:6001"
+//!     sub_timeout = "30s"
+//!     [queue]
+//!     policy = "drop-old"
+//! "#).unwrap();
+//! assert_eq!(config.sub_timeout.as_secs(), 30);
+//! assert_eq!(config.limits.max_topic_len, 1024); // a default
+//! ```
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::Deserialize;
 
 use crate::protocol::DEFAULT_MAX_TOPIC_LEN;
 
@@ -12,7 +30,8 @@ pub const DEFAULT_SUB_BIND: &str = "tcp://127.0.0.1:5571";
 
 /// Everything the broker needs to start. `Config::default()` is the embedded
 /// default configuration.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Endpoint the PULL socket binds for publishers.
     pub pub_bind: String,
@@ -23,16 +42,25 @@ pub struct Config {
     /// Per-subscriber pending queues for when libzmq's pipe is full.
     pub queue: QueueConfig,
     /// A subscriber not heard from for this long is forgotten.
+    #[serde(with = "humantime_serde")]
     pub sub_timeout: Duration,
     /// ZMTP heartbeat interval on both sockets (dead TCP peers are noticed
     /// after `3 ×` this).
+    #[serde(with = "humantime_serde")]
     pub zmtp_heartbeat: Duration,
     /// libzmq's per-peer high-water mark in messages (`ZMQ_SNDHWM` on the
     /// ROUTER, `ZMQ_RCVHWM` on the PULL).
     pub hwm: i32,
     /// On shutdown, how long to keep flushing queued messages to connected
     /// subscribers before exiting.
+    #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// Prometheus metrics endpoint (`host:port`); off when `None`.
+    pub metrics_bind: Option<String>,
+    /// CURVE encryption, authentication and topic ACLs; off when `None`.
+    pub curve: Option<CurveConfig>,
+    /// Allow binding a non-loopback address without CURVE.
+    pub insecure: bool,
 }
 
 impl Default for Config {
@@ -46,12 +74,16 @@ impl Default for Config {
             zmtp_heartbeat: Duration::from_secs(1),
             hwm: 1000,
             linger: Duration::from_secs(2),
+            metrics_bind: None,
+            curve: None,
+            insecure: false,
         }
     }
 }
 
 /// Limits on clients; a command over a limit gets `[ERR, limit, …]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Longest topic a publisher may use, in bytes.
     pub max_topic_len: usize,
@@ -66,6 +98,12 @@ pub struct Limits {
     /// Largest message part libzmq accepts (`ZMQ_MAXMSGSIZE`); a peer that
     /// sends a larger one is disconnected by libzmq. `-1`: no limit.
     pub max_message_size: i64,
+    /// Commands one subscriber may send per second, sustained; a burst may
+    /// add `max_filters_per_subscriber` more (a full re-subscribe).
+    pub max_commands_per_sec: u32,
+    /// Replies (OK, ERR, PONG) queued for one subscriber that does not read;
+    /// more are dropped and counted.
+    pub max_queued_replies: usize,
 }
 
 impl Default for Limits {
@@ -77,12 +115,15 @@ impl Default for Limits {
             max_filters_per_subscriber: 10_000,
             max_filters_total: 1_000_000,
             max_message_size: 16 << 20,
+            max_commands_per_sec: 5_000,
+            max_queued_replies: 1_024,
         }
     }
 }
 
 /// What happens to a message for a subscriber whose queue is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OverflowPolicy {
     /// Drop the new message (the subscriber sees a seq gap).
     DropNew,
@@ -108,7 +149,8 @@ impl OverflowPolicy {
 
 /// Bounds of the broker-side queue each subscriber gets once libzmq's pipe
 /// to it is full.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
     /// Most messages queued for one subscriber.
     pub max_messages: usize,
@@ -119,6 +161,7 @@ pub struct QueueConfig {
     /// What to do when a queue is full.
     pub policy: OverflowPolicy,
     /// With [`OverflowPolicy::Disconnect`]: how long a queue may stay full.
+    #[serde(with = "humantime_serde")]
     pub disconnect_after: Duration,
 }
 
@@ -131,5 +174,164 @@ impl Default for QueueConfig {
             policy: OverflowPolicy::DropNew,
             disconnect_after: Duration::from_secs(5),
         }
+    }
+}
+
+/// CURVE settings: the broker's own key and who may connect to which side.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurveConfig {
+    /// File holding the broker's Z85 secret key (`zbroker keygen` writes it).
+    pub secret_key_file: PathBuf,
+    /// File listing the publishers' public keys and what they may publish.
+    pub publisher_keys: PathBuf,
+    /// File listing the subscribers' public keys and what they may
+    /// subscribe to.
+    pub subscriber_keys: PathBuf,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Read(PathBuf, std::io::Error),
+    /// The TOML is invalid or has unknown fields.
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    Invalid(String),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Read(path, e) => write!(f, "cannot read {}: {e}", path.display()),
+            ConfigError::Parse(e) => write!(f, "invalid configuration: {e}"),
+            ConfigError::Invalid(e) => write!(f, "invalid configuration: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Parses a TOML configuration; absent fields keep their defaults.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Reads and parses a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        Config::from_toml(&text)
+    }
+
+    /// Checks values that parse but cannot work, with a message that says
+    /// what to change.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |what: String| Err(ConfigError::Invalid(what));
+        if self.limits.max_topic_len == 0 {
+            return invalid("limits.max_topic_len must be at least 1".into());
+        }
+        if self.limits.max_filters_per_subscriber == 0 || self.limits.max_subscribers == 0 {
+            return invalid(
+                "limits.max_subscribers and max_filters_per_subscriber must be at least 1".into(),
+            );
+        }
+        if self.limits.max_commands_per_sec == 0 {
+            return invalid("limits.max_commands_per_sec must be at least 1".into());
+        }
+        if self.sub_timeout < Duration::from_millis(100) {
+            return invalid(format!(
+                "sub_timeout {:?} is too short; use at least 100ms",
+                self.sub_timeout
+            ));
+        }
+        if self.queue.max_messages == 0 || self.queue.max_bytes == 0 {
+            return invalid("queue.max_messages and queue.max_bytes must be at least 1".into());
+        }
+        if self.curve.is_none() && !self.insecure {
+            for (flag, endpoint) in [("pub-bind", &self.pub_bind), ("sub-bind", &self.sub_bind)] {
+                if !is_local(endpoint) {
+                    return invalid(format!(
+                        "--{flag} {endpoint} is reachable from other machines, and without CURVE \
+                         anyone there could publish or subscribe; configure [curve] keys, or pass \
+                         --insecure if the network is trusted"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether an endpoint is reachable only from this machine: ipc, inproc, or
+/// tcp on a loopback address.
+pub fn is_local(endpoint: &str) -> bool {
+    if endpoint.starts_with("ipc://") || endpoint.starts_with("inproc://") {
+        return true;
+    }
+    let Some(address) = endpoint.strip_prefix("tcp://") else {
+        return false;
+    };
+    let host = match address.rsplit_once(':') {
+        Some((host, _port)) => host,
+        None => address,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_detection() {
+        for local in [
+            "tcp://127.0.0.1:5570",
+            "tcp://127.1.2.3:1",
+            "tcp://localhost:1",
+            "tcp://[::1]:1",
+            "ipc:///tmp/x",
+            "inproc://x",
+        ] {
+            assert!(is_local(local), "{local}");
+        }
+        for remote in [
+            "tcp://*:5570",
+            "tcp://0.0.0.0:1",
+            "tcp://10.0.0.1:1",
+            "tcp://eth0:1",
+            "tcp://[::]:1",
+            "pgm://x",
+        ] {
+            assert!(!is_local(remote), "{remote}");
+        }
+    }
+
+    #[test]
+    fn refuses_public_bind_without_curve_unless_insecure() {
+        let mut config = Config {
+            pub_bind: "tcp://0.0.0.0:5570".into(),
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("--insecure") && err.contains("CURVE"), "{err}");
+        config.insecure = true;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn toml_rejects_unknown_fields_and_parses_policies() {
+        assert!(Config::from_toml("sub_timeot = \"1s\"").is_err());
+        let config =
+            Config::from_toml("[queue]\npolicy = \"disconnect\"\ndisconnect_after = \"1s\"")
+                .unwrap();
+        assert_eq!(config.queue.policy, OverflowPolicy::Disconnect);
+        assert!(Config::from_toml("[queue]\npolicy = \"drop-some\"").is_err());
     }
 }

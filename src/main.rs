@@ -1,12 +1,15 @@
 //! The `zbroker` command: argument parsing over the library.
 
 use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use zbroker::client::{Event, Publisher, Subscriber};
-use zbroker::config::{self, Config, OverflowPolicy};
+use zbroker::client::{
+    CurveKeys, Event, Publisher, PublisherOptions, Subscriber, SubscriberOptions,
+};
+use zbroker::config::{self, Config, ConfigError, OverflowPolicy};
 use zbroker::filter::Filter;
 use zbroker::protocol::DEFAULT_MAX_TOPIC_LEN;
 use zbroker::server::Server;
@@ -28,6 +31,8 @@ enum Command {
     Run(Box<RunArgs>),
     /// Publish one message (like mosquitto_pub).
     Pub {
+        #[command(flatten)]
+        curve: ClientCurveArgs,
         /// The broker's publisher endpoint, e.g. tcp://127.0.0.1:5570.
         endpoint: String,
         /// The topic.
@@ -37,6 +42,8 @@ enum Command {
     },
     /// Print matching messages as `TOPIC PAYLOAD` lines (like mosquitto_sub).
     Sub {
+        #[command(flatten)]
+        curve: ClientCurveArgs,
         /// The broker's subscriber endpoint, e.g. tcp://127.0.0.1:5571.
         endpoint: String,
         /// Filters written exact:TOPIC, prefix:TOPIC or pattern:A.*.>.
@@ -46,58 +53,115 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Write a new CURVE key pair: the secret key to PATH (mode 0600), the
+    /// public key to PATH.pub.
+    Keygen {
+        /// Where to write the secret key; never overwritten.
+        path: PathBuf,
+    },
+    /// Print a running broker's counters (needs `run --metrics-bind`).
+    Stats {
+        /// The metrics endpoint, e.g. 127.0.0.1:9570 or http://host:port/metrics.
+        endpoint: String,
+    },
 }
 
+/// CURVE credentials of `pub` and `sub`.
+#[derive(Args)]
+struct ClientCurveArgs {
+    /// The broker's public key file (enables CURVE).
+    #[arg(long, requires = "key")]
+    server_key: Option<PathBuf>,
+    /// This client's secret key file (from `zbroker keygen`).
+    #[arg(long, requires = "server_key")]
+    key: Option<PathBuf>,
+}
+
+impl ClientCurveArgs {
+    fn load(&self) -> Result<Option<CurveKeys>, zbroker::auth::AuthError> {
+        match (&self.server_key, &self.key) {
+            (Some(server), Some(own)) => CurveKeys::from_files(server, own).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Flags of `zbroker run`. Each overrides the config file; unset ones keep
+/// the file's value, else the environment's, else the embedded default.
 #[derive(Args)]
 struct RunArgs {
-    /// Endpoint publishers' PUSH sockets connect to.
-    #[arg(long, env = "ZBROKER_PUB_BIND", default_value = config::DEFAULT_PUB_BIND)]
-    pub_bind: String,
-    /// Endpoint subscribers' DEALER sockets connect to.
-    #[arg(long, env = "ZBROKER_SUB_BIND", default_value = config::DEFAULT_SUB_BIND)]
-    sub_bind: String,
-    /// Forget a subscriber not heard from for this long.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    sub_timeout: Duration,
-    /// Longest topic, in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_LEN)]
-    max_topic_len: usize,
-    /// Longest filter, in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_TOPIC_LEN)]
-    max_filter_len: usize,
-    /// Most subscribers at once.
-    #[arg(long, default_value_t = config::Limits::default().max_subscribers)]
-    max_subscribers: usize,
-    /// Most filters per subscriber.
-    #[arg(long, default_value_t = config::Limits::default().max_filters_per_subscriber)]
-    max_filters_per_subscriber: usize,
-    /// Most filters in total.
-    #[arg(long, default_value_t = config::Limits::default().max_filters_total)]
-    max_filters_total: usize,
-    /// Largest message part in bytes (ZMQ_MAXMSGSIZE); larger ones drop the peer.
-    #[arg(long, default_value_t = config::Limits::default().max_message_size)]
-    max_message_size: i64,
-    /// Most messages queued in the broker for one slow subscriber.
-    #[arg(long, default_value_t = config::QueueConfig::default().max_messages)]
-    queue_max_messages: usize,
-    /// Most bytes queued in the broker for one slow subscriber.
-    #[arg(long, default_value_t = config::QueueConfig::default().max_bytes)]
-    queue_max_bytes: usize,
-    /// Most bytes queued in the broker across all subscribers.
-    #[arg(long, default_value_t = config::QueueConfig::default().max_total_bytes)]
-    queue_max_total_bytes: usize,
-    /// What to do when a subscriber's queue is full: drop-new, drop-old or disconnect.
-    #[arg(long, default_value = "drop-new", value_parser = parse_policy)]
-    overflow: OverflowPolicy,
-    /// With --overflow disconnect: how long a queue may stay full.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    disconnect_after: Duration,
-    /// libzmq's per-peer queue in messages (SNDHWM/RCVHWM).
-    #[arg(long, default_value_t = 1000)]
-    hwm: i32,
-    /// On SIGTERM/Ctrl-C, how long to keep flushing queued messages.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    linger: Duration,
+    /// TOML configuration file (every flag below can be set there).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Validate the configuration (and key files) and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Endpoint publishers' PUSH sockets connect to [default: tcp://127.0.0.1:5570].
+    #[arg(long, env = "ZBROKER_PUB_BIND")]
+    pub_bind: Option<String>,
+    /// Endpoint subscribers' DEALER sockets connect to [default: tcp://127.0.0.1:5571].
+    #[arg(long, env = "ZBROKER_SUB_BIND")]
+    sub_bind: Option<String>,
+    /// Prometheus metrics endpoint, e.g. 127.0.0.1:9570 [default: off].
+    #[arg(long, env = "ZBROKER_METRICS_BIND")]
+    metrics_bind: Option<String>,
+    /// Allow binding a non-loopback address without CURVE.
+    #[arg(long)]
+    insecure: bool,
+    /// The broker's CURVE secret key file (from `zbroker keygen`); enables CURVE.
+    #[arg(long, requires_all = ["publisher_keys", "subscriber_keys"])]
+    curve_secret_key: Option<PathBuf>,
+    /// Publishers' public keys, one per line, each followed by the filters it may publish to.
+    #[arg(long, requires = "curve_secret_key")]
+    publisher_keys: Option<PathBuf>,
+    /// Subscribers' public keys, one per line, each followed by the filters it may subscribe to.
+    #[arg(long, requires = "curve_secret_key")]
+    subscriber_keys: Option<PathBuf>,
+    /// Forget a subscriber not heard from for this long [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    sub_timeout: Option<Duration>,
+    /// Longest topic, in bytes [default: 1024].
+    #[arg(long)]
+    max_topic_len: Option<usize>,
+    /// Longest filter, in bytes [default: 1024].
+    #[arg(long)]
+    max_filter_len: Option<usize>,
+    /// Most subscribers at once [default: 100000].
+    #[arg(long)]
+    max_subscribers: Option<usize>,
+    /// Most filters per subscriber [default: 10000].
+    #[arg(long)]
+    max_filters_per_subscriber: Option<usize>,
+    /// Most filters in total [default: 1000000].
+    #[arg(long)]
+    max_filters_total: Option<usize>,
+    /// Largest message part in bytes (ZMQ_MAXMSGSIZE); larger ones drop the peer [default: 16 MiB].
+    #[arg(long)]
+    max_message_size: Option<i64>,
+    /// Commands per second one subscriber may send, sustained [default: 5000].
+    #[arg(long)]
+    max_commands_per_sec: Option<u32>,
+    /// Most messages queued in the broker for one slow subscriber [default: 10000].
+    #[arg(long)]
+    queue_max_messages: Option<usize>,
+    /// Most bytes queued in the broker for one slow subscriber [default: 16 MiB].
+    #[arg(long)]
+    queue_max_bytes: Option<usize>,
+    /// Most bytes queued in the broker across all subscribers [default: 512 MiB].
+    #[arg(long)]
+    queue_max_total_bytes: Option<usize>,
+    /// When a subscriber's queue is full: drop-new, drop-old or disconnect [default: drop-new].
+    #[arg(long, value_parser = parse_policy)]
+    overflow: Option<OverflowPolicy>,
+    /// With --overflow disconnect: how long a queue may stay full [default: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    disconnect_after: Option<Duration>,
+    /// libzmq's per-peer queue in messages, SNDHWM/RCVHWM [default: 1000].
+    #[arg(long)]
+    hwm: Option<i32>,
+    /// On SIGTERM/Ctrl-C, how long to keep flushing queued messages [default: 2s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    linger: Option<Duration>,
 }
 
 fn parse_policy(word: &str) -> Result<OverflowPolicy, String> {
@@ -105,31 +169,60 @@ fn parse_policy(word: &str) -> Result<OverflowPolicy, String> {
         .ok_or_else(|| format!("{word:?}: use drop-new, drop-old or disconnect"))
 }
 
+/// Replaces `field` with the flag's value when the flag (or its
+/// environment variable) was given.
+fn set<T: Clone>(field: &mut T, flag: &Option<T>) {
+    if let Some(value) = flag {
+        *field = value.clone();
+    }
+}
+
 impl RunArgs {
-    fn into_config(self) -> Config {
-        Config {
-            pub_bind: self.pub_bind,
-            sub_bind: self.sub_bind,
-            limits: config::Limits {
-                max_topic_len: self.max_topic_len,
-                max_filter_len: self.max_filter_len,
-                max_subscribers: self.max_subscribers,
-                max_filters_per_subscriber: self.max_filters_per_subscriber,
-                max_filters_total: self.max_filters_total,
-                max_message_size: self.max_message_size,
-            },
-            queue: config::QueueConfig {
-                max_messages: self.queue_max_messages,
-                max_bytes: self.queue_max_bytes,
-                max_total_bytes: self.queue_max_total_bytes,
-                policy: self.overflow,
-                disconnect_after: self.disconnect_after,
-            },
-            sub_timeout: self.sub_timeout,
-            hwm: self.hwm,
-            linger: self.linger,
-            ..Config::default()
+    fn into_config(self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        set(&mut c.pub_bind, &self.pub_bind);
+        set(&mut c.sub_bind, &self.sub_bind);
+        if self.metrics_bind.is_some() {
+            c.metrics_bind = self.metrics_bind.clone();
         }
+        c.insecure |= self.insecure;
+        if let (Some(secret), Some(publishers), Some(subscribers)) = (
+            &self.curve_secret_key,
+            &self.publisher_keys,
+            &self.subscriber_keys,
+        ) {
+            c.curve = Some(config::CurveConfig {
+                secret_key_file: secret.clone(),
+                publisher_keys: publishers.clone(),
+                subscriber_keys: subscribers.clone(),
+            });
+        }
+        set(&mut c.sub_timeout, &self.sub_timeout);
+        set(&mut c.limits.max_topic_len, &self.max_topic_len);
+        set(&mut c.limits.max_filter_len, &self.max_filter_len);
+        set(&mut c.limits.max_subscribers, &self.max_subscribers);
+        set(
+            &mut c.limits.max_filters_per_subscriber,
+            &self.max_filters_per_subscriber,
+        );
+        set(&mut c.limits.max_filters_total, &self.max_filters_total);
+        set(&mut c.limits.max_message_size, &self.max_message_size);
+        set(
+            &mut c.limits.max_commands_per_sec,
+            &self.max_commands_per_sec,
+        );
+        set(&mut c.queue.max_messages, &self.queue_max_messages);
+        set(&mut c.queue.max_bytes, &self.queue_max_bytes);
+        set(&mut c.queue.max_total_bytes, &self.queue_max_total_bytes);
+        set(&mut c.queue.policy, &self.overflow);
+        set(&mut c.queue.disconnect_after, &self.disconnect_after);
+        set(&mut c.hwm, &self.hwm);
+        set(&mut c.linger, &self.linger);
+        c.validate()?;
+        Ok(c)
     }
 }
 
@@ -155,11 +248,19 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Run(args) => {
-            let mut server = Server::bind(args.into_config())?;
+            let check_only = args.check_config;
+            let config = args.into_config()?;
+            if check_only {
+                zbroker::server::check(&config)?;
+                println!("configuration OK");
+                return Ok(());
+            }
+            let mut server = Server::bind(config)?;
             server.stop_on_signals()?;
             server.run()?;
         }
         Command::Pub {
+            curve,
             endpoint,
             topic,
             message,
@@ -172,10 +273,15 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                     buf
                 }
             };
-            let mut publisher = Publisher::connect(&endpoint)?;
+            let options = PublisherOptions {
+                curve: curve.load()?,
+                ..PublisherOptions::default()
+            };
+            let mut publisher = Publisher::connect_with(&endpoint, &options)?;
             publisher.publish(topic.as_bytes(), &payload)?;
         }
         Command::Sub {
+            curve,
             endpoint,
             filters,
             count,
@@ -184,7 +290,11 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 .iter()
                 .map(|f| Filter::parse_cli(f, DEFAULT_MAX_TOPIC_LEN))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut subscriber = Subscriber::connect(&endpoint)?;
+            let options = SubscriberOptions {
+                curve: curve.load()?,
+                ..SubscriberOptions::default()
+            };
+            let mut subscriber = Subscriber::connect_with(&endpoint, options)?;
             for filter in &filters {
                 subscriber.subscribe(filter)?;
             }
@@ -209,6 +319,18 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                     }
                 }
             }
+        }
+        Command::Keygen { path } => {
+            let public = zbroker::auth::keygen(&path)?;
+            println!("{public}");
+            eprintln!(
+                "zbroker: wrote the secret key to {} (mode 0600) and the public key to {}.pub",
+                path.display(),
+                path.display()
+            );
+        }
+        Command::Stats { endpoint } => {
+            print!("{}", zbroker::metrics::fetch(&endpoint)?);
         }
     }
     Ok(())

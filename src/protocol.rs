@@ -199,6 +199,8 @@ pub enum PublishError {
         /// The configured maximum.
         max: usize,
     },
+    /// The publisher's key may not publish on this topic.
+    Unauthorized,
 }
 
 impl fmt::Display for PublishError {
@@ -210,6 +212,9 @@ impl fmt::Display for PublishError {
             PublishError::EmptyTopic => f.write_str("empty topic"),
             PublishError::TopicTooLong { len, max } => {
                 write!(f, "topic is {len} bytes, the limit is {max}")
+            }
+            PublishError::Unauthorized => {
+                f.write_str("this publisher may not publish on the topic")
             }
         }
     }

@@ -17,15 +17,19 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::auth::{self, Acl, KeyList, ServerKeys, ZapHandler};
 use crate::broker::{Broker, SendOutcome, Transport};
 use crate::config::Config;
 use crate::frame::Frame;
-use crate::metrics::Snapshot;
+use crate::metrics::{Connections, Exporter, Snapshot};
 
 const PUBLISHERS: Token = Token(0);
 const SUBSCRIBERS: Token = Token(1);
 const WAKER: Token = Token(2);
 const SIGNALS: Token = Token(3);
+const ZAP: Token = Token(4);
+const PUBLISHER_MONITOR: Token = Token(5);
+const SUBSCRIBER_MONITOR: Token = Token(6);
 
 /// Messages read from one socket before the loop turns to the other, flushes
 /// queues and checks timers: large enough to amortise the poll, small enough
@@ -48,6 +52,10 @@ pub enum ServerError {
     Zmq(&'static str, zmq::Error),
     /// The poller failed.
     Io(&'static str, std::io::Error),
+    /// The configuration cannot work.
+    Config(crate::config::ConfigError),
+    /// CURVE keys or key lists could not be loaded.
+    Auth(crate::auth::AuthError),
 }
 
 impl fmt::Display for ServerError {
@@ -70,6 +78,8 @@ impl fmt::Display for ServerError {
             }
             ServerError::Zmq(what, e) => write!(f, "{what}: {e}"),
             ServerError::Io(what, e) => write!(f, "{what}: {e}"),
+            ServerError::Config(e) => e.fmt(f),
+            ServerError::Auth(e) => e.fmt(f),
         }
     }
 }
@@ -181,6 +191,99 @@ impl Transport<Frame> for RouterTransport<'_> {
     }
 }
 
+/// What CURVE needs at run time, loaded from the configured files.
+#[derive(Debug)]
+pub struct Security {
+    /// The broker's key pair.
+    pub keys: ServerKeys,
+    /// Who may connect and use which topics.
+    pub acl: Arc<Acl>,
+}
+
+/// Validates `config` and loads the files it refers to, binding nothing:
+/// what `zbroker run --check-config` runs. `None` when CURVE is off.
+pub fn check(config: &Config) -> Result<Option<Security>, ServerError> {
+    config.validate().map_err(ServerError::Config)?;
+    let Some(curve) = &config.curve else {
+        return Ok(None);
+    };
+    if !zmq::has("curve").unwrap_or(false) {
+        return Err(ServerError::Zmq(
+            "CURVE is configured but this libzmq was built without it",
+            zmq::Error::ENOTSUP,
+        ));
+    }
+    let max = config.limits.max_filter_len;
+    let keys = auth::read_secret_key(&curve.secret_key_file).map_err(ServerError::Auth)?;
+    let acl = Acl {
+        publishers: KeyList::load(&curve.publisher_keys, max).map_err(ServerError::Auth)?,
+        subscribers: KeyList::load(&curve.subscriber_keys, max).map_err(ServerError::Auth)?,
+    };
+    Ok(Some(Security {
+        keys,
+        acl: Arc::new(acl),
+    }))
+}
+
+/// Counts one broker socket's connections and failed handshakes through a
+/// libzmq socket monitor.
+struct Watch {
+    monitor: zmq::Socket,
+    open: u64,
+    handshake_failures: u64,
+}
+
+impl Watch {
+    fn attach(
+        context: &zmq::Context,
+        socket: &zmq::Socket,
+        name: &str,
+    ) -> Result<Watch, ServerError> {
+        use zmq::SocketEvent as E;
+        let endpoint = format!("inproc://zbroker-monitor-{name}");
+        let events = [
+            E::ACCEPTED,
+            E::DISCONNECTED,
+            E::HANDSHAKE_FAILED_NO_DETAIL,
+            E::HANDSHAKE_FAILED_PROTOCOL,
+            E::HANDSHAKE_FAILED_AUTH,
+        ]
+        .iter()
+        .fold(0, |all, e| all | *e as i32);
+        zmq_call("start a socket monitor", socket.monitor(&endpoint, events))?;
+        let monitor = zmq_call("create a monitor socket", context.socket(zmq::PAIR))?;
+        zmq_call("connect the monitor", monitor.connect(&endpoint))?;
+        Ok(Watch {
+            monitor,
+            open: 0,
+            handshake_failures: 0,
+        })
+    }
+
+    fn drain(&mut self) {
+        use zmq::SocketEvent as E;
+        while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
+            let Some(event) = frames
+                .first()
+                .and_then(|f| Some(u16::from_le_bytes([*f.first()?, *f.get(1)?])))
+            else {
+                continue;
+            };
+            match E::from_raw(event) {
+                E::ACCEPTED => self.open += 1,
+                E::DISCONNECTED => self.open = self.open.saturating_sub(1),
+                E::HANDSHAKE_FAILED_NO_DETAIL
+                | E::HANDSHAKE_FAILED_PROTOCOL
+                | E::HANDSHAKE_FAILED_AUTH => {
+                    self.handshake_failures += 1;
+                    tracing::warn!(event, "a client failed the handshake");
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// The running broker: two bound sockets, a poller and the core.
 pub struct Server {
     // Field order is drop order: sockets must close before the context.
@@ -193,6 +296,10 @@ pub struct Server {
     sub_endpoint: String,
     stopper: Stopper,
     stats: StatsHandle,
+    zap: Option<ZapHandler>,
+    publisher_watch: Watch,
+    subscriber_watch: Watch,
+    _exporter: Option<Exporter>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     /// Receive buffers reused for every message: topic and payload.
     publish_frames: [Frame; 2],
@@ -209,7 +316,22 @@ fn zmq_call<T>(what: &'static str, result: zmq::Result<T>) -> Result<T, ServerEr
     result.map_err(|e| ServerError::Zmq(what, e))
 }
 
-fn set_common_options(socket: &zmq::Socket, config: &Config) -> Result<(), ServerError> {
+fn set_common_options(
+    socket: &zmq::Socket,
+    config: &Config,
+    security: Option<&Security>,
+    domain: &str,
+) -> Result<(), ServerError> {
+    if let Some(security) = security {
+        let secret = zmq::z85_decode(&security.keys.secret)
+            .map_err(|_| ServerError::Zmq("decode the secret key", zmq::Error::EINVAL))?;
+        zmq_call("set ZMQ_CURVE_SERVER", socket.set_curve_server(true))?;
+        zmq_call(
+            "set ZMQ_CURVE_SECRETKEY",
+            socket.set_curve_secretkey(&secret),
+        )?;
+        zmq_call("set ZMQ_ZAP_DOMAIN", socket.set_zap_domain(domain))?;
+    }
     let heartbeat = config.zmtp_heartbeat.as_millis().min(i32::MAX as u128) as i32;
     zmq_call("set ZMQ_HEARTBEAT_IVL", socket.set_heartbeat_ivl(heartbeat))?;
     // A peer whose input is stalled by backpressure cannot answer ZMTP
@@ -258,14 +380,23 @@ impl Server {
     /// Creates both sockets, sets their options and binds them. The broker
     /// does nothing until [`Server::run`].
     pub fn bind(config: Config) -> Result<Server, ServerError> {
+        let security = check(&config)?;
+        raise_open_file_limit();
         let context = zmq::Context::new();
+        // Before any socket binds: without a ZAP handler, CURVE admits anyone.
+        let zap = match &security {
+            Some(s) => {
+                Some(ZapHandler::bind(&context, Arc::clone(&s.acl)).map_err(ServerError::Auth)?)
+            }
+            None => None,
+        };
         let pull = zmq_call("create the PULL socket", context.socket(zmq::PULL))?;
-        set_common_options(&pull, &config)?;
+        set_common_options(&pull, &config, security.as_ref(), auth::PUBLISHER_DOMAIN)?;
         zmq_call("set ZMQ_RCVHWM", pull.set_rcvhwm(config.hwm))?;
         let pub_endpoint = bind(&pull, "publisher", &config.pub_bind)?;
 
         let router = zmq_call("create the ROUTER socket", context.socket(zmq::ROUTER))?;
-        set_common_options(&router, &config)?;
+        set_common_options(&router, &config, security.as_ref(), auth::SUBSCRIBER_DOMAIN)?;
         // Without MANDATORY, ROUTER silently drops what it cannot send; with
         // it, a full pipe is EAGAIN (queue and retry) and a vanished peer is
         // EHOSTUNREACH (free it at once).
@@ -275,6 +406,8 @@ impl Server {
         )?;
         zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(config.hwm))?;
         zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(config.hwm))?;
+        let publisher_watch = Watch::attach(&context, &pull, "publishers")?;
+        let subscriber_watch = Watch::attach(&context, &router, "subscribers")?;
         let sub_endpoint = bind(&router, "subscriber", &config.sub_bind)?;
 
         let poll = Poll::new().map_err(|e| ServerError::Io("create the poller", e))?;
@@ -284,8 +417,45 @@ impl Server {
             zmq_call("read ZMQ_FD", router.get_fd())?,
             SUBSCRIBERS,
         )?;
+        register(
+            &poll,
+            zmq_call("read ZMQ_FD", publisher_watch.monitor.get_fd())?,
+            PUBLISHER_MONITOR,
+        )?;
+        register(
+            &poll,
+            zmq_call("read ZMQ_FD", subscriber_watch.monitor.get_fd())?,
+            SUBSCRIBER_MONITOR,
+        )?;
+        if let Some(zap) = &zap {
+            register(&poll, zmq_call("read ZMQ_FD", zap.socket().get_fd())?, ZAP)?;
+        }
         let waker = Waker::new(poll.registry(), WAKER)
             .map_err(|e| ServerError::Io("create the stop waker", e))?;
+        let stats = StatsHandle::default();
+        let exporter = match &config.metrics_bind {
+            Some(address) => {
+                let source = stats.clone();
+                let exporter = Exporter::start(address, move || source.snapshot())
+                    .map_err(|e| ServerError::Io("bind the metrics endpoint", e))?;
+                tracing::info!(endpoint = %format!("http://{}/metrics", exporter.address()), "serving metrics");
+                Some(exporter)
+            }
+            None => None,
+        };
+        let mut core = Broker::new(config, Instant::now());
+        match &security {
+            Some(s) => {
+                tracing::info!(
+                    public_key = %s.keys.public,
+                    publishers = s.acl.publishers.len(),
+                    subscribers = s.acl.subscribers.len(),
+                    "CURVE on: only listed keys are admitted"
+                );
+                core.set_acl(Arc::clone(&s.acl));
+            }
+            None => tracing::info!("CURVE off: plaintext, loopback-only unless --insecure"),
+        }
 
         tracing::info!(endpoint = %pub_endpoint, "publishers connect a PUSH socket to");
         tracing::info!(endpoint = %sub_endpoint, "subscribers connect a DEALER socket to");
@@ -294,14 +464,18 @@ impl Server {
             router,
             context,
             poll,
-            core: Broker::new(config, Instant::now()),
+            core,
             pub_endpoint,
             sub_endpoint,
             stopper: Stopper {
                 requested: Arc::new(AtomicBool::new(false)),
                 waker: Arc::new(waker),
             },
-            stats: StatsHandle::default(),
+            stats,
+            zap,
+            publisher_watch,
+            subscriber_watch,
+            _exporter: exporter,
             signals: None,
             publish_frames: Default::default(),
             command_frames: Default::default(),
@@ -363,7 +537,8 @@ impl Server {
                 next_tick = self
                     .core
                     .tick(now, &mut RouterTransport::new(&mut self.router));
-                self.stats.publish(self.core.snapshot());
+                self.watch_connections();
+                self.stats.publish(self.snapshot());
             }
             if self.stopper.requested.load(Ordering::Acquire) {
                 break;
@@ -381,6 +556,12 @@ impl Server {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ServerError::Io("wait for events", e)),
             }
+            if events
+                .iter()
+                .any(|e| [ZAP, PUBLISHER_MONITOR, SUBSCRIBER_MONITOR].contains(&e.token()))
+            {
+                self.watch_connections();
+            }
             if events.iter().any(|e| e.token() == SIGNALS) {
                 if let Some(signals) = self.signals.as_mut() {
                     for signal in signals.pending() {
@@ -391,6 +572,31 @@ impl Server {
             }
         }
         self.shut_down()
+    }
+
+    /// Answers ZAP requests and reads the socket monitors. Each drains until
+    /// `EAGAIN`, so no `ZMQ_FD` edge is lost (see the module docs).
+    fn watch_connections(&mut self) {
+        if let Some(zap) = self.zap.as_mut()
+            && let Err(e) = zap.answer_pending()
+        {
+            tracing::error!(error = %e, "the ZAP handler failed");
+        }
+        self.publisher_watch.drain();
+        self.subscriber_watch.drain();
+    }
+
+    /// The core's counters plus what the event loop knows of connections.
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.core.snapshot();
+        snapshot.connections = Connections {
+            publishers: self.publisher_watch.open,
+            subscribers: self.subscriber_watch.open,
+            handshake_failures: self.publisher_watch.handshake_failures
+                + self.subscriber_watch.handshake_failures,
+            auth_denied: self.zap.as_ref().map_or(0, |z| z.denied),
+        };
+        snapshot
     }
 
     /// Reads up to [`BATCH`] publisher messages; returns how many.
@@ -476,7 +682,8 @@ impl Server {
             self.router
                 .set_linger(rest.as_millis().min(i32::MAX as u128) as i32),
         )?;
-        let snapshot = self.core.snapshot();
+        self.watch_connections();
+        let snapshot = self.snapshot();
         self.stats.publish(snapshot.clone());
         tracing::info!(
             published = snapshot.counters.published,
@@ -490,6 +697,16 @@ impl Server {
             "broker stopped"
         );
         Ok(snapshot)
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit: every subscriber
+/// connection is a descriptor, and the default 1024 caps the broker far below
+/// the fan-outs it is built for.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit raised"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
 }
 

@@ -67,6 +67,12 @@ pub struct Subscriber<P> {
     pub full_since: Option<Instant>,
     /// Routed messages it lost to a full queue.
     pub dropped: u64,
+    /// Replies among `queue`.
+    pub queued_replies: usize,
+    /// Command-rate tokens left (token bucket refilled per second).
+    pub command_tokens: f64,
+    /// When `command_tokens` was last refilled.
+    pub tokens_at: Instant,
 }
 
 impl<P> Subscriber<P> {
@@ -80,6 +86,9 @@ impl<P> Subscriber<P> {
             queued_bytes: 0,
             full_since: None,
             dropped: 0,
+            queued_replies: 0,
+            command_tokens: f64::MAX,
+            tokens_at: now,
         }
     }
 }
