@@ -658,12 +658,21 @@ impl Server {
         Ok(BATCH)
     }
 
-    /// Stops reading publishers, flushes queued messages to subscribers for
-    /// up to the linger, and logs the final counters.
+    /// Stops reading publishers and keeps serving subscribers for up to the
+    /// linger, then logs the final counters.
+    ///
+    /// Emptying the broker's queues is not enough: what libzmq has sent may
+    /// still sit in kernel buffers on the way to a subscriber that reads
+    /// slowly, and libzmq 4.3 discards it on the receiving side if the
+    /// connection closes while that subscriber's input is stalled (an ipc
+    /// hang-up is treated as an I/O error; on tcp, closing with unread input
+    /// sends RST). So the broker keeps the connections open, answering
+    /// commands and flushing, until the linger ends or no subscriber
+    /// connection is left.
     fn shut_down(mut self) -> Result<Snapshot, ServerError> {
         let deadline = Instant::now() + self.core.config().linger;
-        // Closing PULL here refuses new messages; publishers' PUSH sockets
-        // keep theirs queued for the next broker.
+        // Closing PULL refuses new messages; publishers' PUSH sockets keep
+        // theirs queued for the next broker.
         drop(std::mem::replace(
             &mut self.pull,
             zmq_call(
@@ -671,18 +680,28 @@ impl Server {
                 self.context.socket(zmq::PULL),
             )?,
         ));
-        while self.core.queued_messages() > 0 && Instant::now() < deadline {
+        let mut events = Events::with_capacity(8);
+        loop {
+            let now = Instant::now();
+            self.read_subscribers(now)?;
             self.core.flush(&mut RouterTransport::new(&mut self.router));
-            std::thread::sleep(Duration::from_millis(1));
+            self.watch_connections();
+            if now >= deadline || self.subscriber_watch.open == 0 {
+                break;
+            }
+            // Reading ZMQ_EVENTS makes libzmq process its command queue,
+            // which re-opens pipes that subscribers have drained.
+            let wait = if has_input(&self.router)? {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(5).min(deadline - now)
+            };
+            match self.poll.poll(&mut events, Some(wait)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ServerError::Io("wait for events", e)),
+            }
         }
-        // What libzmq already holds goes out within the rest of the linger.
-        let rest = deadline.saturating_duration_since(Instant::now());
-        zmq_call(
-            "set ZMQ_LINGER",
-            self.router
-                .set_linger(rest.as_millis().min(i32::MAX as u128) as i32),
-        )?;
-        self.watch_connections();
         let snapshot = self.snapshot();
         self.stats.publish(snapshot.clone());
         tracing::info!(
