@@ -252,6 +252,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let config = args.into_config()?;
             if check_only {
                 zbroker::server::check(&config)?;
+                println!("{config:#?}");
                 println!("configuration OK");
                 return Ok(());
             }
