@@ -270,25 +270,31 @@ pub fn public_key_of(secret: &str) -> Result<String, AuthError> {
     Ok(String::from_utf8_lossy(&public[..40]).into_owned())
 }
 
-/// Reads a secret key file written by [`keygen`] (the Z85 secret key on its
-/// first non-comment line).
-pub fn read_secret_key(path: &Path) -> Result<ServerKeys, AuthError> {
+/// The Z85 key on the first non-comment line of a key file; `what` names
+/// the kind of key in the error.
+fn read_key_line(path: &Path, what: &str) -> Result<String, AuthError> {
     let text = std::fs::read_to_string(path).map_err(|e| AuthError::Io(path.to_path_buf(), e))?;
-    let secret = text
+    let key = text
         .lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())
         .find(|l| !l.is_empty())
         .unwrap_or_default();
-    if !is_z85_key(secret) {
+    if !is_z85_key(key) {
         return Err(AuthError::Line {
             path: path.to_path_buf(),
             line: 1,
-            problem: "not a Z85 secret key; create one with `zbroker keygen`".into(),
+            problem: format!("not a Z85 {what} key; create one with `zbroker keygen`"),
         });
     }
+    Ok(key.to_string())
+}
+
+/// Reads a secret key file written by [`keygen`].
+pub fn read_secret_key(path: &Path) -> Result<ServerKeys, AuthError> {
+    let secret = read_key_line(path, "secret")?;
     Ok(ServerKeys {
-        public: public_key_of(secret)?,
-        secret: secret.to_string(),
+        public: public_key_of(&secret)?,
+        secret,
     })
 }
 
@@ -325,20 +331,7 @@ pub fn keygen(path: &Path) -> Result<String, AuthError> {
 
 /// Reads a public key file (`.pub`, as written by [`keygen`]).
 pub fn read_public_key(path: &Path) -> Result<String, AuthError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AuthError::Io(path.to_path_buf(), e))?;
-    let key = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .find(|l| !l.is_empty())
-        .unwrap_or_default();
-    if !is_z85_key(key) {
-        return Err(AuthError::Line {
-            path: path.to_path_buf(),
-            line: 1,
-            problem: "not a Z85 public key; use the .pub file `zbroker keygen` wrote".into(),
-        });
-    }
-    Ok(key.to_string())
+    read_key_line(path, "public")
 }
 
 /// Answers libzmq's ZAP requests: admits a CURVE client only if its key is
