@@ -186,9 +186,19 @@ impl Queues {
                     sub.queued_replies < max_replies
                 }
         };
-        if config.policy == OverflowPolicy::DropOld {
+        // drop-old makes room for a message by dropping the oldest queued
+        // *messages*: a queued reply answers a command and is never dropped
+        // for data, and a reply over its own bound is simply refused.
+        if config.policy == OverflowPolicy::DropOld && is_message {
             while !fits(self, sub) {
-                let Some(old) = sub.queue.pop_front() else {
+                let Some(oldest) = sub
+                    .queue
+                    .iter()
+                    .position(|q| matches!(q, Queued::Message { .. }))
+                else {
+                    break;
+                };
+                let Some(old) = sub.queue.remove(oldest) else {
                     break;
                 };
                 self.took(sub, &old);
@@ -197,12 +207,20 @@ impl Queues {
         }
         if !fits(self, sub) {
             count_drop(counters, sub, &item);
-            if config.policy == OverflowPolicy::Disconnect && sub.full_since.is_none() {
+            // "Full" means a backlog that is not draining; a message too
+            // large for an empty queue is dropped but says nothing about
+            // the consumer's speed.
+            if config.policy == OverflowPolicy::Disconnect
+                && is_message
+                && !sub.queue.is_empty()
+                && sub.full_since.is_none()
+            {
                 sub.full_since = Some(now);
             }
             return false;
         }
-        if sub.queue.is_empty() {
+        if !sub.in_backlog {
+            sub.in_backlog = true;
             self.backlog.push(id);
         }
         sub.queued_bytes += size;
@@ -403,9 +421,36 @@ impl<P: Payload> Broker<P> {
         now: Instant,
         out: &mut impl Transport<P>,
     ) {
+        let (id, reply) = self.decide(routing_id, key, frames, frame_count, now);
+        self.reply(id, routing_id, reply, now, out);
+        self.remove_gone();
+    }
+
+    /// What to answer a subscriber's message, and who it is (`None`: a
+    /// routing id the broker does not track).
+    fn decide(
+        &mut self,
+        routing_id: &[u8],
+        key: Option<&str>,
+        frames: &[&[u8]],
+        frame_count: usize,
+        now: Instant,
+    ) -> (Option<SubId>, Reply) {
         let known = self.subs.lookup(routing_id);
-        if let Some(sub) = known.and_then(|id| self.subs.get_mut(id)) {
-            sub.last_heard = now;
+        if let Some(id) = known {
+            if let Some(sub) = self.subs.get_mut(id) {
+                sub.last_heard = now;
+            }
+            // Every message costs a token, well-formed or not, so garbage
+            // cannot buy more replies than commands can.
+            if !self.take_command_token(id, now) {
+                self.counters.refused_rate += 1;
+                let text = format!(
+                    "more than {} commands per second; slow down",
+                    self.config.limits.max_commands_per_sec
+                );
+                return (known, Reply::Err(ErrorCode::Limit, text));
+            }
         }
         let parsed = if frame_count > frames.len() {
             Err(CommandError::TooManyFrames(frame_count))
@@ -420,14 +465,7 @@ impl<P: Payload> Broker<P> {
                     now,
                     format_args!("refused a command from {}: {e}", Hex(routing_id)),
                 );
-                self.reply(
-                    known,
-                    routing_id,
-                    Reply::Err(e.code(), e.to_string()),
-                    now,
-                    out,
-                );
-                return;
+                return (known, Reply::Err(e.code(), e.to_string()));
             }
         };
         let id = match known {
@@ -438,33 +476,10 @@ impl<P: Payload> Broker<P> {
                     "the broker holds its limit of {} subscribers; try again later",
                     self.config.limits.max_subscribers
                 );
-                self.reply(
-                    None,
-                    routing_id,
-                    Reply::Err(ErrorCode::Limit, text),
-                    now,
-                    out,
-                );
-                return;
+                return (None, Reply::Err(ErrorCode::Limit, text));
             }
             None => self.subs.insert(routing_id, now),
         };
-        if !self.take_command_token(id, now) {
-            self.counters.refused_rate += 1;
-            let text = format!(
-                "more than {} commands per second; slow down",
-                self.config.limits.max_commands_per_sec
-            );
-            self.reply(
-                Some(id),
-                routing_id,
-                Reply::Err(ErrorCode::Limit, text),
-                now,
-                out,
-            );
-            self.remove_gone();
-            return;
-        }
         self.counters.commands += 1;
         let reply = match command {
             Command::Ping => Reply::Pong,
@@ -480,8 +495,7 @@ impl<P: Payload> Broker<P> {
             },
             Command::Unsubscribe(filter) => self.unsubscribe(id, filter),
         };
-        self.reply(Some(id), routing_id, reply, now, out);
-        self.remove_gone();
+        (Some(id), reply)
     }
 
     /// Token bucket: `max_commands_per_sec` sustained. The bucket holds a
@@ -599,6 +613,7 @@ impl<P: Payload> Broker<P> {
                 self.queues.backlog.swap_remove(i);
                 continue;
             };
+            let mut progressed = false;
             while let Some(item) = sub.queue.front_mut() {
                 let outcome = match item {
                     Queued::Message {
@@ -618,6 +633,7 @@ impl<P: Payload> Broker<P> {
                             self.counters.delivered_bytes += payload.bytes().len() as u64;
                         }
                         self.queues.took(sub, &item);
+                        progressed = true;
                     }
                     SendOutcome::WouldBlock => break,
                     SendOutcome::Unreachable => {
@@ -626,8 +642,13 @@ impl<P: Payload> Broker<P> {
                     }
                 }
             }
-            if sub.queue.is_empty() {
+            // A consumer that took anything is not stuck: the disconnect
+            // policy's clock restarts at its next drop.
+            if progressed {
                 sub.full_since = None;
+            }
+            if sub.queue.is_empty() {
+                sub.in_backlog = false;
                 self.queues.backlog.swap_remove(i);
             } else {
                 i += 1;
@@ -713,7 +734,10 @@ impl<P: Payload> Broker<P> {
             dropped = sub.dropped,
             "cut off a slow subscriber whose queue stayed full"
         );
-        self.queues.backlog.retain(|&b| b != id);
+        if sub.in_backlog {
+            sub.in_backlog = false;
+            self.queues.backlog.retain(|&b| b != id);
+        }
         let text = "cut-off: slow consumer, filters and queue dropped; subscribe again";
         self.queues.push(
             &self.config.queue,
@@ -744,13 +768,13 @@ impl<P: Payload> Broker<P> {
         for filter in &sub.filters {
             self.index.remove(filter, id);
         }
-        if !sub.queue.is_empty() {
-            for item in std::mem::take(&mut sub.queue) {
-                self.queues.took(&mut sub, &item);
-                if matches!(item, Queued::Message { .. }) {
-                    self.counters.dropped_subscriber_gone += 1;
-                }
+        for item in std::mem::take(&mut sub.queue) {
+            self.queues.took(&mut sub, &item);
+            if matches!(item, Queued::Message { .. }) {
+                self.counters.dropped_subscriber_gone += 1;
             }
+        }
+        if sub.in_backlog {
             self.queues.backlog.retain(|&b| b != id);
         }
         tracing::debug!(subscriber = %Hex(&sub.routing_id), "forgot a subscriber");

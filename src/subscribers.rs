@@ -63,8 +63,11 @@ pub struct Subscriber<P> {
     pub queue: VecDeque<Queued<P>>,
     /// Bytes held by `queue` (topics, payloads, reply frames).
     pub queued_bytes: usize,
-    /// Since when the queue has been full, if it is.
+    /// Since when its queue has been full without the consumer taking
+    /// anything, if it has.
     pub full_since: Option<Instant>,
+    /// Listed in the broker's backlog (of subscribers with queued items).
+    pub in_backlog: bool,
     /// Routed messages it lost to a full queue.
     pub dropped: u64,
     /// Replies among `queue`.
@@ -85,6 +88,7 @@ impl<P> Subscriber<P> {
             queue: VecDeque::new(),
             queued_bytes: 0,
             full_since: None,
+            in_backlog: false,
             dropped: 0,
             queued_replies: 0,
             command_tokens: f64::MAX,
