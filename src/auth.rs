@@ -81,18 +81,22 @@ impl KeyList {
     /// Parses key-list text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path, max_filter_len: usize) -> Result<KeyList, AuthError> {
         let mut keys = HashMap::new();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
+        for (i, line) in text.lines().enumerate() {
             let problem = |problem: String| AuthError::Line {
                 path: path.to_path_buf(),
                 line: i + 1,
                 problem,
             };
             let mut words = line.split_whitespace();
-            let key = words.next().unwrap_or_default();
+            let Some(key) = words.next() else {
+                continue;
+            };
+            // Z85 keys may contain '#', so a comment is a line whose first
+            // word is not a key, or anything after the filters.
+            if key.starts_with('#') && !is_z85_key(key) {
+                continue;
+            }
+            let words = words.take_while(|w| !w.starts_with('#'));
             if !is_z85_key(key) {
                 return Err(problem(format!(
                     "{key:?} is not a Z85 public key (40 characters, as written by `zbroker keygen`)"
@@ -270,23 +274,19 @@ pub fn public_key_of(secret: &str) -> Result<String, AuthError> {
     Ok(String::from_utf8_lossy(&public[..40]).into_owned())
 }
 
-/// The Z85 key on the first non-comment line of a key file; `what` names
-/// the kind of key in the error.
+/// The first line of a key file that is a Z85 key (other lines are
+/// comments); `what` names the kind of key in the error.
 fn read_key_line(path: &Path, what: &str) -> Result<String, AuthError> {
     let text = std::fs::read_to_string(path).map_err(|e| AuthError::Io(path.to_path_buf(), e))?;
-    let key = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .find(|l| !l.is_empty())
-        .unwrap_or_default();
-    if !is_z85_key(key) {
-        return Err(AuthError::Line {
+    text.lines()
+        .map(str::trim)
+        .find(|line| is_z85_key(line))
+        .map(str::to_string)
+        .ok_or_else(|| AuthError::Line {
             path: path.to_path_buf(),
             line: 1,
-            problem: format!("not a Z85 {what} key; create one with `zbroker keygen`"),
-        });
-    }
-    Ok(key.to_string())
+            problem: format!("no Z85 {what} key in the file; create one with `zbroker keygen`"),
+        })
 }
 
 /// Reads a secret key file written by [`keygen`].
@@ -526,6 +526,15 @@ mod tests {
         let err = KeyList::parse(&format!("{key}\n"), Path::new("keys"), 64).unwrap_err();
         assert!(err.to_string().contains("keys:1") && err.to_string().contains("prefix:"));
         assert!(KeyList::parse("short prefix:", Path::new("k"), 64).is_err());
+    }
+
+    #[test]
+    fn keys_containing_hash_are_not_comments() {
+        let key = "#".repeat(40);
+        assert!(is_z85_key(&key));
+        let list =
+            KeyList::parse(&format!("{key} prefix: # comment\n"), Path::new("k"), 64).unwrap();
+        assert_eq!(list.allowed(&key).unwrap().len(), 1);
     }
 
     #[test]
