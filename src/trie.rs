@@ -1,16 +1,16 @@
 //! The routing index: every subscriber's filters in one structure, answering
 //! "who wants this topic?" without looking at anyone who does not.
 //!
-//! Modeled on the NATS server's sublist. Two tries share one index:
+//! Modeled on the NATS server's sublist. Three structures share one index:
 //!
-//! * **Exact and prefix filters** live in a byte-level radix tree (a path-
-//!   compressed trie with a node only where filters branch or end). Every
-//!   node carries two subscriber sets: `prefix`, for prefix filters that end
-//!   at the node, and `exact`, for exact filters that end there. A topic walks
-//!   the tree from the root along the single path its bytes spell. Every node
-//!   it reaches is a prefix of the topic, so its `prefix` set matches (the
-//!   root, the empty prefix, matches every topic). The node where the topic
-//!   ends also contributes its `exact` set. Children are kept sorted by the
+//! * **Exact filters** live in a hash map keyed by topic: one hash of the
+//!   topic finds them, whatever else the index holds.
+//!
+//! * **Prefix filters** live in a byte-level radix tree (a path-compressed
+//!   trie with a node only where filters branch or end). A topic walks the
+//!   tree from the root along the single path its bytes spell. Every node it
+//!   reaches is a prefix of the topic, so its subscribers match (the root,
+//!   the empty prefix, matches every topic). Children are kept sorted by the
 //!   first byte of their edge label, so each step is a binary search over at
 //!   most 256 entries.
 //!
@@ -26,8 +26,14 @@
 //!
 //! # Cost model
 //!
-//! A match costs O(topic length) for the radix walk, because the label
-//! comparisons along the one path add up to at most the topic's bytes. The
+//! A match costs one hash of the topic for exact filters, and O(topic
+//! length) for the radix walk, because the label comparisons along the one
+//! path add up to at most the topic's bytes. The number of radix nodes on
+//! that path is the number of places where held prefixes branch *along the
+//! topic*: many prefixes that share the topic's leading bytes and diverge
+//! after them (a million ids under `neutron.port.`) add a node per
+//! branching byte, a handful for a million, never more than the topic's
+//! length. The
 //! pattern walk costs one hash lookup per visited node, and every visited
 //! node is a distinct pattern prefix that matches the topic's leading
 //! segments. Emitting costs one step per matching (filter, subscriber)
@@ -38,9 +44,10 @@
 //! diverging edge label, another literal segment, or deeper than the topic
 //! reaches are never visited, and neither are subscribers hanging off nodes
 //! the walk does not emit. A million unrelated subscriptions therefore leave
-//! a match's cost unchanged; the only thing that grows with them is the
-//! branch search at a node: a binary search (radix) or an expected
-//! constant-time hash lookup (patterns). The one kind of non-matching
+//! a match's cost unchanged; the only things that grow with them are the
+//! branch search at a node (a binary search in the radix tree, an expected
+//! constant-time hash lookup for patterns) and, for prefixes that share the
+//! topic's leading bytes, the branching nodes described above. The one kind of non-matching
 //! subscription that does cost anything is a pattern sharing a matching
 //! prefix with the topic (`a.*.x` against `a.b.y`). The walk passes through
 //! its nodes, but never through its subscribers, and the cost is bounded by
@@ -90,8 +97,10 @@ pub type SubId = u32;
 ///   [`heap_bytes`](Self::heap_bytes) are back to a fresh index's values
 ///   (2 nodes and 0 bytes).
 pub struct RoutingIndex {
-    /// Root of the exact/prefix radix tree; its label is always empty and it
-    /// is never pruned or merged.
+    /// Exact filters by topic.
+    exact: HashMap<Box<[u8]>, SubSet>,
+    /// Root of the prefix radix tree; its label is always empty and it is
+    /// never pruned or merged.
     radix: RadixNode,
     /// Root of the pattern segment trie; never pruned.
     patterns: PatternNode,
@@ -131,6 +140,7 @@ impl RoutingIndex {
     /// An empty index: no pairs, two root nodes, no heap memory.
     pub fn new() -> Self {
         RoutingIndex {
+            exact: HashMap::new(),
             radix: RadixNode::new(Box::default()),
             patterns: PatternNode::default(),
             seen: Vec::new(),
@@ -152,13 +162,12 @@ impl RoutingIndex {
         let usage = &mut self.usage;
         let added = match filter.kind() {
             FilterKind::Pattern => pattern_insert(&mut self.patterns, filter.text(), sub, usage),
-            kind => {
+            FilterKind::Exact => exact_insert(&mut self.exact, filter.text(), sub, usage),
+            FilterKind::Prefix => {
                 // A duplicate pair finds its node already in place, so a false
                 // result never leaves freshly created nodes behind.
                 let node = radix_node_for(&mut self.radix, filter.text(), usage);
-                usage.track(node.set_mut(kind), SubSet::heap_bytes, |set| {
-                    set.insert(sub)
-                })
+                usage.track(&mut node.prefix, SubSet::heap_bytes, |set| set.insert(sub))
             }
         };
         if added {
@@ -185,7 +194,8 @@ impl RoutingIndex {
         let usage = &mut self.usage;
         let removed = match filter.kind() {
             FilterKind::Pattern => pattern_remove(&mut self.patterns, filter.text(), sub, usage),
-            kind => radix_remove(&mut self.radix, filter.text(), kind, sub, usage),
+            FilterKind::Exact => exact_remove(&mut self.exact, filter.text(), sub, usage),
+            FilterKind::Prefix => radix_remove(&mut self.radix, filter.text(), sub, usage),
         };
         if removed {
             self.pairs -= 1;
@@ -214,6 +224,9 @@ impl RoutingIndex {
             epoch: self.epoch,
             out,
         };
+        if let Some(set) = self.exact.get(topic) {
+            collector.emit(set);
+        }
         radix_collect(&self.radix, topic, &mut collector);
         pattern_collect(&self.patterns, topic, &mut collector);
     }
@@ -436,8 +449,8 @@ struct RadixNode {
     /// The edge from the parent: the bytes this node adds to its parent's
     /// path.
     label: Box<[u8]>,
+    /// Subscribers of the prefix this node's path spells.
     prefix: SubSet,
-    exact: SubSet,
     children: RadixChildren,
 }
 
@@ -446,20 +459,12 @@ impl RadixNode {
         RadixNode {
             label,
             prefix: SubSet::default(),
-            exact: SubSet::default(),
             children: SmallVec::new(),
         }
     }
 
-    fn set_mut(&mut self, kind: FilterKind) -> &mut SubSet {
-        match kind {
-            FilterKind::Exact => &mut self.exact,
-            FilterKind::Prefix | FilterKind::Pattern => &mut self.prefix,
-        }
-    }
-
     fn has_subs(&self) -> bool {
-        !self.prefix.is_empty() || !self.exact.is_empty()
+        !self.prefix.is_empty()
     }
 
     /// `Ok(index)` of the child whose label starts with `byte`, or
@@ -475,8 +480,58 @@ impl RadixNode {
             + self.label.len()
             + children_heap(&self.children)
             + self.prefix.heap_bytes()
-            + self.exact.heap_bytes()
     }
+}
+
+// ---------------------------------------------------------------------------
+// Exact filters: hash map
+// ---------------------------------------------------------------------------
+
+/// Heap of the exact map's table (entries and control bytes), keys and sets
+/// excluded.
+fn exact_table_heap(map: &HashMap<Box<[u8]>, SubSet>) -> usize {
+    map.allocation_size()
+}
+
+fn exact_insert(
+    map: &mut HashMap<Box<[u8]>, SubSet>,
+    topic: &[u8],
+    sub: SubId,
+    usage: &mut Usage,
+) -> bool {
+    if let Some(set) = map.get_mut(topic) {
+        return usage.track(set, SubSet::heap_bytes, |set| set.insert(sub));
+    }
+    let mut set = SubSet::default();
+    set.insert(sub);
+    usage.heap += topic.len() + set.heap_bytes();
+    usage.track(map, exact_table_heap, |map| map.insert(topic.into(), set));
+    true
+}
+
+fn exact_remove(
+    map: &mut HashMap<Box<[u8]>, SubSet>,
+    topic: &[u8],
+    sub: SubId,
+    usage: &mut Usage,
+) -> bool {
+    let Some(set) = map.get_mut(topic) else {
+        return false;
+    };
+    if !usage.track(set, SubSet::heap_bytes, |set| set.remove(sub)) {
+        return false;
+    }
+    if set.is_empty() {
+        usage.heap -= topic.len();
+        usage.track(map, exact_table_heap, |map| {
+            map.remove(topic);
+            // Give the table back once it is mostly empty.
+            if map.len() * 4 < map.capacity() {
+                map.shrink_to(map.len() * 2);
+            }
+        });
+    }
+    true
 }
 
 fn children_heap(children: &RadixChildren) -> usize {
@@ -567,7 +622,6 @@ fn absorb_only_child(node: &mut RadixNode, usage: &mut Usage) {
     let RadixNode {
         label,
         prefix,
-        exact,
         children,
     } = *child;
     let mut merged = Vec::with_capacity(node.label.len() + label.len());
@@ -577,24 +631,15 @@ fn absorb_only_child(node: &mut RadixNode, usage: &mut Usage) {
     // held no heap. The child's sets and children, already counted, move over.
     node.label = merged.into_boxed_slice();
     node.prefix = prefix;
-    node.exact = exact;
     node.children = children;
     usage.nodes -= 1;
     usage.heap -= freed_children + size_of::<RadixNode>();
 }
 
-fn radix_remove(
-    root: &mut RadixNode,
-    key: &[u8],
-    kind: FilterKind,
-    sub: SubId,
-    usage: &mut Usage,
-) -> bool {
+fn radix_remove(root: &mut RadixNode, key: &[u8], sub: SubId, usage: &mut Usage) -> bool {
     if key.is_empty() {
         // The root is never pruned.
-        return usage.track(root.set_mut(kind), SubSet::heap_bytes, |set| {
-            set.remove(sub)
-        });
+        return usage.track(&mut root.prefix, SubSet::heap_bytes, |set| set.remove(sub));
     }
     // Walk with the parent in hand. The path-compression invariant means
     // cleanup never reaches above the target's parent: a non-root parent
@@ -619,9 +664,7 @@ fn radix_remove(
             continue;
         }
         let child = &mut parent.children[at].1;
-        if !usage.track(child.set_mut(kind), SubSet::heap_bytes, |set| {
-            set.remove(sub)
-        }) {
+        if !usage.track(&mut child.prefix, SubSet::heap_bytes, |set| set.remove(sub)) {
             return false;
         }
         if child.has_subs() {
@@ -653,7 +696,6 @@ fn radix_collect(root: &RadixNode, topic: &[u8], collector: &mut Collector<'_>) 
     loop {
         collector.emit(&node.prefix);
         let Some(&first) = rest.first() else {
-            collector.emit(&node.exact);
             return;
         };
         let Ok(at) = node.child_index(first) else {
@@ -877,7 +919,7 @@ mod tests {
 
     fn radix_census(node: &RadixNode, is_root: bool, census: &mut Census) {
         census.nodes += 1;
-        census.pairs += node.prefix.len() + node.exact.len();
+        census.pairs += node.prefix.len();
         census.heap += if is_root {
             node.own_heap() - size_of::<RadixNode>()
         } else {
@@ -942,7 +984,6 @@ mod tests {
     fn sets_census(index: &RoutingIndex) {
         fn radix(node: &RadixNode) {
             set_census(&node.prefix);
-            set_census(&node.exact);
             node.children.iter().for_each(|(_, child)| radix(child));
         }
         fn pattern(node: &PatternNode) {
@@ -953,6 +994,7 @@ mod tests {
         }
         radix(&index.radix);
         pattern(&index.patterns);
+        index.exact.values().for_each(set_census);
     }
 
     /// Checks the structural invariants and that the running totals equal a
@@ -965,6 +1007,12 @@ mod tests {
         };
         radix_census(&index.radix, true, &mut census);
         pattern_census(&index.patterns, true, &mut census);
+        census.heap += exact_table_heap(&index.exact);
+        for (topic, set) in &index.exact {
+            assert!(!set.is_empty(), "empty exact entry left behind");
+            census.heap += topic.len() + set.heap_bytes();
+            census.pairs += set.len();
+        }
         sets_census(index);
         assert_eq!(index.node_count(), census.nodes, "node count drifted");
         assert_eq!(index.heap_bytes(), census.heap, "heap accounting drifted");
@@ -1191,15 +1239,17 @@ mod tests {
                         held.insert((f, i as SubId));
                         check(&mut index, &held);
                     }
-                    // Root, "ab", "c", "d", and the pattern root.
-                    assert_eq!(index.node_count(), 5);
+                    // Prefixes: root, "ab", "c", "d", and the pattern root.
+                    // Exact filters live in the hash map: no nodes.
+                    let nodes = if kind == FilterKind::Prefix { 5 } else { 2 };
+                    assert_eq!(index.node_count(), nodes);
                     for &i in &remove_order {
                         let f = filter(kind, texts[i]);
                         assert!(index.remove(&f, i as SubId));
                         held.remove(&(f, i as SubId));
                         check(&mut index, &held);
                         // A lone survivor is merged into one node under the root.
-                        if held.len() == 1 {
+                        if held.len() == 1 && kind == FilterKind::Prefix {
                             assert_eq!(index.node_count(), 3);
                         }
                     }
@@ -1213,12 +1263,12 @@ mod tests {
     fn merge_keeps_deeper_structure() {
         let mut index = RoutingIndex::new();
         for (i, text) in ["ab", "abcx", "abcy", "abd"].iter().enumerate() {
-            index.insert(&exact(text), i as SubId);
+            index.insert(&prefix(text), i as SubId);
         }
         // "ab" -> {"c" -> {"x", "y"}, "d"}
         assert_eq!(index.node_count(), 2 + 5);
-        assert!(index.remove(&exact("abd"), 3));
-        assert!(index.remove(&exact("ab"), 0));
+        assert!(index.remove(&prefix("abd"), 3));
+        assert!(index.remove(&prefix("ab"), 0));
         // "ab" and "c" merge into "abc", which still branches into x and y.
         assert_eq!(index.node_count(), 2 + 3);
         audit(&index);
@@ -1357,7 +1407,7 @@ mod tests {
     fn subscriber_set_switches_between_inline_and_hash() {
         let mut index = RoutingIndex::new();
         let shared = prefix("net");
-        let other = exact("net.a");
+        let other = exact("net.a"); // found through the exact map, not the tree
         index.insert(&other, 1000);
         for sub in 0..100 {
             assert!(index.insert(&shared, sub));
@@ -1378,6 +1428,13 @@ mod tests {
             assert_eq!(matched(&mut index, "net.b"), expected);
             expected.push(1000);
             assert_eq!(matched(&mut index, "net.a"), expected);
+            if held.is_empty() {
+                assert!(
+                    index.radix.children.is_empty(),
+                    "the emptied node is pruned"
+                );
+                continue;
+            }
             let node = &index.radix.children[0].1;
             match held.len() {
                 0..=BACK_TO_SMALL => assert!(matches!(node.prefix, SubSet::Small(_))),
