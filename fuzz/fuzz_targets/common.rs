@@ -1,0 +1,71 @@
+//! Input decoding shared by the fuzz targets.
+//!
+//! The targets read their input as a plain byte stream instead of deriving
+//! `arbitrary` so the encoding stays trivial to write by hand: the seeds in
+//! `fuzz/corpus/` are produced by `fuzz/make_seeds.py` from the same rules,
+//! and a crashing input can be read back without tooling. Reading past the
+//! end yields zeros, so every byte string is a valid input.
+
+#![allow(dead_code)] // each target uses a different subset
+
+/// A cursor over the fuzz input.
+pub struct Input<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Input { data }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The next byte, or 0 once the input is exhausted.
+    pub fn byte(&mut self) -> u8 {
+        match self.data.split_first() {
+            Some((&b, rest)) => {
+                self.data = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    /// Up to `n` bytes (fewer at the end of the input).
+    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let (head, rest) = self.data.split_at(n.min(self.data.len()));
+        self.data = rest;
+        head
+    }
+
+    /// A length-prefixed frame: one length byte, except that 255 announces a
+    /// 16-bit little-endian length, so frames past the 1024-byte topic and
+    /// filter limits stay reachable.
+    pub fn frame(&mut self) -> &'a [u8] {
+        let n = match self.byte() {
+            255 => u16::from_le_bytes([self.byte(), self.byte()]) as usize,
+            n => n as usize,
+        };
+        self.bytes(n)
+    }
+
+    /// Text glued from a few pieces of a small alphabet, so that equal
+    /// topics and filters, `.` boundaries and wildcards come up constantly
+    /// instead of once in a blue moon as they would with random bytes.
+    /// One byte gives the piece count (`% (max_pieces + 1)`), one byte each
+    /// piece.
+    pub fn text(&mut self, alphabet: &[&[u8]], max_pieces: usize) -> Vec<u8> {
+        let n = self.byte() as usize % (max_pieces + 1);
+        let mut text = Vec::new();
+        for _ in 0..n {
+            text.extend_from_slice(alphabet[self.byte() as usize % alphabet.len()]);
+        }
+        text
+    }
+}
+
+/// Pieces for topics and filters: the separator, both wildcards, segments
+/// that are prefixes of one another, and a piece with a separator inside.
+pub const PIECES: [&[u8]; 8] = [b"a", b"b", b"ab", b".", b".", b"*", b">", b"a.b"];

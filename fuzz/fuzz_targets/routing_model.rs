@@ -1,0 +1,169 @@
+#![no_main]
+//! `routing_model`: differential fuzzing of the routing index against the
+//! brute-force definition.
+//!
+//! `RoutingIndex` is the broker's hot path and its most intricate code (a
+//! path-compressed radix tree that splits and merges, a segment trie with
+//! wildcard branches, per-call dedup stamps), while `Filter::matches` is the
+//! specification in a few obvious lines. A sequence of subscribe,
+//! unsubscribe, publish and disconnect (drop all of one subscriber's
+//! filters) operations runs on both the index and a model, the set of
+//! (filter, subscriber) pairs. Topics and filters are glued from a tiny
+//! alphabet (`a`, `b`, `ab`, `.`, `*`, `>`, `a.b`) so that shared prefixes,
+//! edge splits, empty segments and wildcards are the norm. Checked:
+//! - `insert`/`remove` report exactly whether the model gained/lost a pair;
+//! - after every publish, `matches` reports exactly the subscribers with a
+//!   filter for which `Filter::matches(topic)` holds, each once;
+//! - `len()` equals the model's pair count after every operation;
+//! - whenever the model is empty (mid-run and after removing everything at
+//!   the end), `node_count()` and `heap_bytes()` equal a fresh index's, so
+//!   removal really frees and re-merges what insertion built.
+//!
+//! Input: a sequence of operations until the input ends, each an opcode byte
+//! and its arguments (see `Op::read`).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{Input, PIECES};
+use libfuzzer_sys::fuzz_target;
+use zbroker::filter::{Filter, FilterKind};
+use zbroker::trie::{RoutingIndex, SubId};
+
+/// Subscriber ids are dense slots in the broker, so a handful of small ones
+/// is both realistic and collision-rich.
+const SUBS: u8 = 6;
+const MAX_FILTER_LEN: usize = 64;
+
+enum Op {
+    Subscribe(Filter, SubId),
+    /// Removes a pair: `Ok(i)` the i-th held pair (mod count), `Err` any pair,
+    /// usually one not held.
+    Unsubscribe(Result<usize, (Filter, SubId)>),
+    Publish(Vec<u8>),
+    Disconnect(SubId),
+}
+
+impl Op {
+    /// `None` for a filter `Filter::new` refuses: the index never sees those.
+    fn read(input: &mut Input) -> Option<Op> {
+        let op = input.byte();
+        Some(match op % 8 {
+            0..=2 => {
+                let (f, sub) = Self::pair(input)?;
+                Op::Subscribe(f, sub)
+            }
+            3 => Op::Unsubscribe(Ok(input.byte() as usize)),
+            4 => Op::Unsubscribe(Err(Self::pair(input)?)),
+            5 | 6 => Op::Publish(input.text(&PIECES, 7)),
+            _ => {
+                // Raw topic bytes now and then, for what the alphabet misses.
+                if op & 0x80 != 0 {
+                    Op::Publish(input.frame().to_vec())
+                } else {
+                    Op::Disconnect((input.byte() % SUBS) as SubId)
+                }
+            }
+        })
+    }
+
+    fn pair(input: &mut Input) -> Option<(Filter, SubId)> {
+        let spec = input.byte();
+        let kind = FilterKind::ALL[spec as usize % 3];
+        let sub = ((spec / 3) % SUBS) as SubId;
+        let text = input.text(&PIECES, 6);
+        Some((Filter::new(kind, &text, MAX_FILTER_LEN).ok()?, sub))
+    }
+}
+
+fn check_matches(index: &mut RoutingIndex, model: &BTreeSet<(Filter, SubId)>, topic: &[u8]) {
+    let mut out = Vec::new();
+    index.matches(topic, &mut out);
+    let got: BTreeSet<SubId> = out.iter().copied().collect();
+    assert_eq!(
+        got.len(),
+        out.len(),
+        "a subscriber reported twice for {:?}: {out:?}",
+        String::from_utf8_lossy(topic)
+    );
+    let want: BTreeSet<SubId> = model
+        .iter()
+        .filter(|(f, _)| f.matches(topic))
+        .map(|&(_, sub)| sub)
+        .collect();
+    assert_eq!(
+        got,
+        want,
+        "receivers of {:?} with pairs {model:?}",
+        String::from_utf8_lossy(topic)
+    );
+}
+
+fn check_baseline_if_empty(index: &RoutingIndex, model: &BTreeSet<(Filter, SubId)>) {
+    if model.is_empty() {
+        let fresh = RoutingIndex::new();
+        assert_eq!(index.len(), 0);
+        assert_eq!(
+            index.node_count(),
+            fresh.node_count(),
+            "nodes left behind after removing every pair"
+        );
+        assert_eq!(
+            index.heap_bytes(),
+            fresh.heap_bytes(),
+            "heap bytes left behind after removing every pair"
+        );
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut input = Input::new(data);
+    let mut index = RoutingIndex::new();
+    let mut model: BTreeSet<(Filter, SubId)> = BTreeSet::new();
+    while !input.is_empty() {
+        let Some(op) = Op::read(&mut input) else {
+            continue;
+        };
+        match op {
+            Op::Subscribe(f, sub) => {
+                let added = model.insert((f.clone(), sub));
+                assert_eq!(index.insert(&f, sub), added, "insert {f} for {sub}");
+            }
+            Op::Unsubscribe(which) => {
+                let pair = match which {
+                    Ok(_) if model.is_empty() => continue,
+                    Ok(i) => model
+                        .iter()
+                        .nth(i % model.len())
+                        .cloned()
+                        .expect("in range"),
+                    Err(pair) => pair,
+                };
+                let held = model.remove(&pair);
+                let (f, sub) = pair;
+                assert_eq!(index.remove(&f, sub), held, "remove {f} for {sub}");
+            }
+            Op::Publish(topic) => check_matches(&mut index, &model, &topic),
+            Op::Disconnect(sub) => {
+                let gone: Vec<(Filter, SubId)> =
+                    model.iter().filter(|(_, s)| *s == sub).cloned().collect();
+                for pair in gone {
+                    assert!(
+                        index.remove(&pair.0, sub),
+                        "remove held {} for {sub}",
+                        pair.0
+                    );
+                    model.remove(&pair);
+                }
+            }
+        }
+        assert_eq!(index.len(), model.len(), "len() after an operation");
+        check_baseline_if_empty(&index, &model);
+    }
+    for (f, sub) in std::mem::take(&mut model) {
+        assert!(index.remove(&f, sub), "final remove {f} for {sub}");
+    }
+    check_baseline_if_empty(&index, &model);
+    check_matches(&mut index, &model, b"a.b");
+});

@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seed corpus under fuzz/corpus/<target>/.
+
+Each seed is one small scenario that reaches a path worth mutating from,
+encoded by the same rules the targets decode with (fuzz_targets/common.rs
+and the `Input:` paragraph of each target's doc comment). Rerun after
+changing an encoding:
+
+    python3 fuzz/make_seeds.py
+
+It rewrites the named seeds and leaves any other file (saved crash
+reproducers, for instance) alone.
+"""
+
+import os
+import struct
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+# common::PIECES, by index.
+PIECES = [b"a", b"b", b"ab", b".", b".", b"*", b">", b"a.b"]
+
+
+def frame(data: bytes) -> bytes:
+    if len(data) < 255:
+        return bytes([len(data)]) + data
+    return b"\xff" + struct.pack("<H", len(data)) + data
+
+
+def text(*pieces: bytes, most: int = 4) -> bytes:
+    """Input::text: a piece count, then one index per piece; `most` is the
+    target's max_pieces (the count is read modulo most + 1)."""
+    assert len(pieces) <= most, pieces
+    return bytes([len(pieces)] + [PIECES.index(p) for p in pieces])
+
+
+def write(target: str, name: str, data: bytes) -> None:
+    directory = os.path.join(ROOT, target)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "wb") as f:
+        f.write(data)
+
+
+# publish_frames: max_topic_len byte, then (count byte, frames...)*.
+def message(*frames: bytes) -> bytes:
+    return bytes([len(frames)]) + b"".join(frame(f) for f in frames)
+
+
+def publish_frames() -> None:
+    t = "publish_frames"
+    write(t, "valid", b"\xff" + message(b"net.a.port", b"up"))
+    write(t, "valid_empty_payload", b"\xff" + message(b"t", b""))
+    write(t, "one_frame", b"\xff" + message(b"net.a"))
+    write(t, "three_frames", b"\xff" + message(b"net.a", b"up", b"extra"))
+    write(t, "no_frames", b"\xff" + message())
+    write(t, "empty_topic", b"\xff" + message(b"", b"payload"))
+    write(t, "topic_too_long", bytes([4]) + message(b"toolong", b"p"))
+    write(t, "topic_at_limit", bytes([4]) + message(b"four", b"p"))
+    write(t, "topic_over_default", b"\xff" + message(b"t" * 1025, b"p"))
+    write(
+        t,
+        "mixed",
+        bytes([8])
+        + message(b"a", b"1")
+        + message(b"")
+        + message(b"abcdefghi", b"2")
+        + message(b"b", b"3", b"4", b"5", b"6")
+        + message(b"c", b"x" * 300),
+    )
+
+
+# subscriber_commands: max_filter_len byte, limits byte, then
+# (routing id byte, count byte, frames...)*.
+def command(who: int, *frames: bytes) -> bytes:
+    return bytes([who, len(frames)]) + b"".join(frame(f) for f in frames)
+
+
+def subscriber_commands() -> None:
+    t = "subscriber_commands"
+    roomy = bytes([32, 0b11111110])  # 3 subscribers, 4 filters each, 8 in all
+    tight = bytes([8, 0])  # 1 subscriber, 1 filter
+    write(t, "sub_prefix", roomy + command(0, b"SUB", b"prefix", b"net."))
+    write(t, "sub_empty_prefix", roomy + command(1, b"SUB", b"prefix", b""))
+    write(t, "sub_pattern", roomy + command(0, b"SUB", b"pattern", b"net.*.port"))
+    write(t, "sub_tail", roomy + command(0, b"SUB", b"pattern", b"net.>"))
+    write(t, "tail_not_last", roomy + command(0, b"SUB", b"pattern", b"net.>.x"))
+    write(t, "empty_exact", roomy + command(0, b"SUB", b"exact", b""))
+    write(t, "empty_pattern", roomy + command(0, b"SUB", b"pattern", b""))
+    write(t, "filter_too_long", tight + command(0, b"SUB", b"exact", b"ninebytes"))
+    write(t, "unknown_kind", roomy + command(0, b"SUB", b"glob", b"x"))
+    write(t, "unknown_verb", roomy + command(0, b"sub", b"exact", b"x"))
+    write(t, "empty_message", roomy + command(0))
+    write(t, "ping", roomy + command(2, b"PING"))
+    write(t, "ping_extra_frame", roomy + command(2, b"PING", b"x"))
+    write(t, "sub_two_frames", roomy + command(0, b"SUB", b"exact"))
+    write(t, "sub_four_frames", roomy + command(0, b"SUB", b"exact", b"x", b"y"))
+    write(t, "five_frames", roomy + command(0, b"PING", b"", b"", b"", b""))
+    write(
+        t,
+        "sub_then_unsub",
+        roomy
+        + command(0, b"SUB", b"exact", b"x")
+        + command(0, b"SUB", b"exact", b"x")
+        + command(0, b"UNSUB", b"exact", b"x")
+        + command(0, b"UNSUB", b"exact", b"x"),
+    )
+    write(t, "unsub_unknown", roomy + command(3, b"UNSUB", b"prefix", b""))
+    write(
+        t,
+        "limits",
+        tight
+        + command(0, b"SUB", b"exact", b"x")
+        + command(0, b"SUB", b"exact", b"y")
+        + command(1, b"PING")
+        + command(1, b"HELLO"),
+    )
+
+
+# routing_model: operations (see Op::read).
+def sub(kind: int, who: int, *pieces: bytes) -> bytes:
+    return bytes([0, kind + 3 * who]) + text(*pieces, most=6)
+
+
+def unsub_held(i: int) -> bytes:
+    return bytes([3, i])
+
+
+def unsub(kind: int, who: int, *pieces: bytes) -> bytes:
+    return bytes([4, kind + 3 * who]) + text(*pieces, most=6)
+
+
+def topic(*pieces: bytes) -> bytes:
+    return bytes([5]) + text(*pieces, most=7)
+
+
+def raw_topic(data: bytes) -> bytes:
+    return bytes([0x87]) + frame(data)
+
+
+def disconnect(who: int) -> bytes:
+    return bytes([7, who])
+
+
+EXACT, PREFIX, PATTERN = 0, 1, 2
+
+
+def routing_model() -> None:
+    t = "routing_model"
+    a, b, ab, dot, star, tail, adotb = b"a", b"b", b"ab", b".", b"*", b">", b"a.b"
+    write(
+        t,
+        "radix_split_merge",
+        sub(EXACT, 0, a, b)
+        + sub(PREFIX, 1, a)
+        + sub(EXACT, 2, ab, b)
+        + topic(a, b)
+        + topic(ab, b)
+        + topic(a)
+        + unsub(PREFIX, 1, a)
+        + topic(a, b)
+        + disconnect(0)
+        + disconnect(2),
+    )
+    write(
+        t,
+        "patterns",
+        sub(PATTERN, 0, a, dot, star)
+        + sub(PATTERN, 1, a, dot, tail)
+        + sub(PATTERN, 2, tail)
+        + sub(PATTERN, 3, star)
+        + sub(PATTERN, 4, adotb)
+        + topic(adotb)
+        + topic(a, dot, b, dot, a)
+        + topic(a)
+        + topic()
+        + topic(a, dot)
+        + unsub_held(0)
+        + topic(adotb)
+        + disconnect(2),
+    )
+    write(
+        t,
+        "one_subscriber_many_filters",
+        sub(EXACT, 5, adotb)
+        + sub(PREFIX, 5)
+        + sub(PREFIX, 5, a)
+        + sub(PATTERN, 5, a, dot, star)
+        + sub(PATTERN, 5, star, dot, b)
+        + topic(adotb)
+        + topic(b)
+        + disconnect(5)
+        + topic(adotb),
+    )
+    write(
+        t,
+        "empty_segments",
+        sub(PATTERN, 0, a, dot, dot)
+        + sub(PATTERN, 1, dot)
+        + sub(PATTERN, 2, star, dot, star)
+        + topic(a, dot, dot)
+        + topic(dot)
+        + topic(dot, tail)
+        + raw_topic(b"\x00.\xff")
+        + unsub(PATTERN, 1, dot)
+        + unsub(PATTERN, 1, dot),
+    )
+    write(
+        t,
+        "duplicates",
+        sub(PREFIX, 0, a)
+        + sub(PREFIX, 0, a)
+        + sub(PREFIX, 1, a)
+        + unsub_held(1)
+        + unsub_held(0)
+        + topic(a),
+    )
+
+
+# broker_session: eight config bytes, then operations (see `run`).
+DROP_NEW, DROP_OLD, DISCONNECT = 0, 1, 2
+
+
+RATES = [1, 2, 5, 20, 100, 1000, 5000, 2**32 - 1]
+
+
+def config(policy, max_messages=2, max_bytes=64, total_quarters=64, limits=0xFF,
+           lens=0xFF, timeout=50, disconnect_after=25, max_replies=4,
+           rate=5000) -> bytes:
+    return bytes([policy, max_messages, max_bytes, total_quarters, limits, lens,
+                  timeout, disconnect_after, max_replies + 5 * RATES.index(rate)])
+
+
+def s_cmd(peer: int, subscribe: bool, kind: int, *pieces: bytes) -> bytes:
+    return bytes([0, peer, (0 if subscribe else 1) | (kind << 1)]) + text(*pieces)
+
+
+def s_ping(peer: int) -> bytes:
+    return bytes([2, peer])
+
+
+def s_garbage(peer: int, *frames: bytes) -> bytes:
+    return bytes([3, peer, len(frames)]) + b"".join(frame(f) for f in frames)
+
+
+def s_pub(payload_len: int, *pieces: bytes) -> bytes:
+    return bytes([4]) + text(*pieces) + bytes([payload_len])
+
+
+def s_bad_pub(selector: int, *frames: bytes) -> bytes:
+    return bytes([6, selector]) + b"".join(frame(f) for f in frames)
+
+
+OPEN, FULL, GONE = 0, 1, 2
+
+
+def s_mode(peer: int, mode: int, room: int = 0) -> bytes:
+    return bytes([7, peer, mode if mode != 3 else 3 | (room << 2)])
+
+
+def s_wait(quarter_ms: int) -> bytes:
+    return bytes([8, quarter_ms])
+
+
+S_FLUSH = bytes([9])
+S_TICK = bytes([10])
+
+
+def broker_session() -> None:
+    t = "broker_session"
+    a, b, dot, star, tail = b"a", b"b", b".", b"*", b">"
+    write(
+        t,
+        "deliver",
+        config(DROP_NEW)
+        + s_cmd(0, True, PREFIX, a)
+        + s_cmd(1, True, PATTERN, a, dot, star)
+        + s_pub(4, a, dot, b)
+        + s_pub(0, b)
+        + s_cmd(0, False, PREFIX, a)
+        + s_pub(4, a, dot, b),
+    )
+    for name, policy in (("full_drop_new", DROP_NEW), ("full_drop_old", DROP_OLD),
+                         ("full_disconnect", DISCONNECT)):
+        write(
+            t,
+            name,
+            config(policy)
+            + s_cmd(0, True, PREFIX)
+            + s_cmd(1, True, EXACT, a)
+            + s_mode(0, FULL)
+            + s_pub(8, a)
+            + s_pub(8, a)
+            + s_ping(0)
+            + s_pub(8, a)
+            + s_pub(8, b)
+            + s_wait(10)
+            + S_TICK
+            + s_mode(0, 3, room=1)
+            + S_FLUSH
+            + s_mode(0, OPEN)
+            + S_FLUSH
+            + s_pub(8, a),
+        )
+    write(
+        t,
+        "unreachable",
+        config(DROP_NEW)
+        + s_cmd(0, True, PATTERN, tail)
+        + s_cmd(1, True, PATTERN, tail)
+        + s_mode(0, GONE)
+        + s_pub(2, a)
+        + s_mode(0, OPEN)
+        + s_cmd(0, True, PATTERN, tail)
+        + s_pub(2, a),
+    )
+    write(
+        t,
+        "gone_while_queued",
+        config(DROP_NEW)
+        + s_cmd(0, True, PREFIX)
+        + s_mode(0, FULL)
+        + s_pub(2, a)
+        + s_garbage(0, b"HELLO")
+        + s_mode(0, GONE)
+        + S_FLUSH
+        + s_pub(2, a),
+    )
+    write(
+        t,
+        "expiry",
+        config(DROP_NEW, timeout=5)
+        + s_cmd(0, True, PREFIX)
+        + s_cmd(1, True, PREFIX)
+        + s_wait(5)
+        + s_ping(1)
+        + s_wait(5)
+        + S_TICK
+        + s_pub(1, a)
+        + s_wait(20)
+        + S_TICK
+        + S_TICK,
+    )
+    write(
+        t,
+        "cut_off",
+        config(DISCONNECT, max_messages=1, disconnect_after=5)
+        + s_cmd(0, True, PREFIX)
+        + s_mode(0, FULL)
+        + s_pub(1, a)
+        + s_pub(1, a)
+        + s_wait(5)
+        + S_TICK
+        + s_mode(0, OPEN)
+        + S_FLUSH
+        + s_cmd(0, True, PREFIX)
+        + s_pub(1, a),
+    )
+    write(
+        t,
+        "limits",
+        config(DROP_NEW, limits=0)
+        + s_cmd(0, True, EXACT, a)
+        + s_cmd(0, True, EXACT, b)
+        + s_cmd(1, True, EXACT, a)
+        + s_ping(1)
+        + s_cmd(0, False, EXACT, b)
+        + s_cmd(0, True, PATTERN, a, dot, tail, dot)
+        + s_cmd(0, True, PATTERN, tail, dot, a),
+    )
+    write(
+        t,
+        "garbage",
+        config(DROP_OLD, lens=0xF3)
+        + s_garbage(0)
+        + s_garbage(0, b"SUB", b"exact")
+        + s_garbage(1, b"SUB", b"glob", b"x")
+        + s_garbage(1, b"PING", b"", b"", b"")
+        + s_bad_pub(0)
+        + s_bad_pub(1, b"a")
+        + s_bad_pub(2, b"a", b"b")
+        + s_pub(1)
+        + s_pub(1, b"a.b", b"a.b"),
+    )
+    write(
+        t,
+        "command_rate",
+        config(DROP_NEW, rate=1, limits=0)
+        + s_ping(0) * 3
+        + s_wait(125)
+        + s_ping(0) * 2
+        + s_wait(250)
+        + s_ping(0) * 2,
+    )
+    write(
+        t,
+        "reply_bound",
+        config(DROP_NEW, max_replies=1)
+        + s_mode(0, FULL)
+        + s_ping(0) * 3
+        + s_cmd(0, True, PREFIX)
+        + s_pub(1, a)
+        + s_mode(0, OPEN)
+        + S_FLUSH,
+    )
+    # Regression (crashes until fixed): under drop-old a publish pops the
+    # PONG queued between two messages, so the PING is never answered.
+    write(
+        t,
+        "regression_drop_old_evicts_reply",
+        config(DROP_OLD, max_messages=1)
+        + s_cmd(0, True, PREFIX)
+        + s_mode(0, FULL)
+        + s_pub(1, a)
+        + s_ping(0)
+        + s_pub(1, a)
+        + s_pub(1, a)
+        + s_mode(0, OPEN)
+        + S_FLUSH,
+    )
+    # Regression (crashes until fixed): a message too big for max_bytes is
+    # dropped while the queue is empty, which sets full_since; nothing clears
+    # it, so the first message queued 400 ms later gets the subscriber cut
+    # off at the next sweep although its queue was non-empty for 0 ms.
+    write(
+        t,
+        "regression_stale_full_since",
+        config(DISCONNECT, max_messages=2, max_bytes=4, timeout=255,
+               disconnect_after=25)
+        + s_cmd(0, True, PREFIX)
+        + s_mode(0, FULL)
+        + s_pub(8, a)
+        + s_wait(100)
+        + s_pub(1, a)
+        + S_TICK,
+    )
+    # A malformed command whose ERR finds the peer unreachable: the broker
+    # forgets it only at its next clean-up.
+    write(
+        t,
+        "unreachable_on_error_reply",
+        config(DROP_NEW, timeout=255)
+        + s_cmd(0, True, PREFIX)
+        + s_mode(0, GONE)
+        + s_garbage(0, b"HELLO")
+        + s_wait(10)
+        + S_TICK
+        + s_cmd(1, True, PREFIX)
+        + s_pub(1, a),
+    )
+    # drop-old under reply pressure: a PING beyond max_queued_replies pops
+    # the queue from the front, messages included.
+    write(
+        t,
+        "drop_old_reply_pressure",
+        config(DROP_OLD, max_messages=4, max_replies=1)
+        + s_cmd(0, True, PREFIX)
+        + s_mode(0, FULL)
+        + s_pub(1, a)
+        + s_ping(0)
+        + s_pub(1, a)
+        + s_ping(0)
+        + s_mode(0, OPEN)
+        + S_FLUSH,
+    )
+    write(
+        t,
+        "bytes_bounds",
+        config(DROP_OLD, max_messages=4, max_bytes=20, total_quarters=8)
+        + s_cmd(0, True, PREFIX)
+        + s_cmd(1, True, PREFIX)
+        + s_mode(0, FULL)
+        + s_mode(1, FULL)
+        + s_pub(9, a)
+        + s_pub(9, a)
+        + s_pub(30, a)
+        + s_ping(0)
+        + s_pub(9, b)
+        + s_mode(0, OPEN)
+        + S_FLUSH,
+    )
+
+
+if __name__ == "__main__":
+    publish_frames()
+    subscriber_commands()
+    routing_model()
+    broker_session()
