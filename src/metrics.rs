@@ -55,7 +55,8 @@ pub struct Snapshot {
     pub subscriptions: u64,
     /// Messages waiting in broker-side queues now.
     pub queued_messages: u64,
-    /// Bytes waiting in broker-side queues now.
+    /// Bytes of the deliveries waiting in broker-side queues now, each
+    /// counted as if copied (payloads are shared, so real memory is less).
     pub queued_bytes: u64,
     /// The longest single subscriber queue now, in messages.
     pub max_queue_depth: u64,
