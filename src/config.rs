@@ -44,8 +44,12 @@ pub struct Config {
     /// A subscriber not heard from for this long is forgotten.
     #[serde(with = "humantime_serde")]
     pub sub_timeout: Duration,
-    /// ZMTP heartbeat interval on both sockets (dead TCP peers are noticed
-    /// after `3 ×` this).
+    /// ZMTP heartbeat interval on both sockets; a peer silent for
+    /// `max(sub_timeout, 3 × this)` is disconnected, so dead TCP peers free
+    /// their libzmq resources. Not shorter by default: libzmq 4.3 cancels
+    /// a heartbeat timer by a linear search over all of its I/O thread's
+    /// timers, so heartbeats cost about connections² / interval. At 10,000
+    /// subscribers a 1 s interval saturated a core (BENCHMARKS.md, scale).
     #[serde(with = "humantime_serde")]
     pub zmtp_heartbeat: Duration,
     /// libzmq's per-peer high-water mark in messages (`ZMQ_SNDHWM` on the
@@ -71,7 +75,7 @@ impl Default for Config {
             limits: Limits::default(),
             queue: QueueConfig::default(),
             sub_timeout: Duration::from_secs(10),
-            zmtp_heartbeat: Duration::from_secs(1),
+            zmtp_heartbeat: Duration::from_secs(30),
             hwm: 1000,
             linger: Duration::from_secs(2),
             metrics_bind: None,

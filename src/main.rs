@@ -117,6 +117,9 @@ struct RunArgs {
     /// Subscribers' public keys, one per line, each followed by the filters it may subscribe to.
     #[arg(long, requires = "curve_secret_key")]
     subscriber_keys: Option<PathBuf>,
+    /// ZMTP heartbeat interval; dead TCP peers are dropped after max(sub-timeout, 3x this) [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    zmtp_heartbeat: Option<Duration>,
     /// Forget a subscriber not heard from for this long [default: 10s].
     #[arg(long, value_parser = humantime::parse_duration)]
     sub_timeout: Option<Duration>,
@@ -201,6 +204,7 @@ impl RunArgs {
             });
         }
         set(&mut c.sub_timeout, &self.sub_timeout);
+        set(&mut c.zmtp_heartbeat, &self.zmtp_heartbeat);
         set(&mut c.limits.max_topic_len, &self.max_topic_len);
         set(&mut c.limits.max_filter_len, &self.max_filter_len);
         set(&mut c.limits.max_subscribers, &self.max_subscribers);
