@@ -343,6 +343,7 @@ pub struct ZapHandler {
     pub admitted: u64,
     /// Handshakes refused (unknown key, wrong mechanism or domain).
     pub denied: u64,
+    log: crate::metrics::LogLimiter,
 }
 
 impl ZapHandler {
@@ -361,6 +362,7 @@ impl ZapHandler {
             acl,
             admitted: 0,
             denied: 0,
+            log: Default::default(),
         })
     }
 
@@ -382,7 +384,10 @@ impl ZapHandler {
                 self.admitted += 1;
             } else {
                 self.denied += 1;
-                tracing::warn!(reason = text, "refused a CURVE client");
+                self.log.warn(
+                    std::time::Instant::now(),
+                    format_args!("refused a CURVE client: {text}"),
+                );
             }
             let request_id: &[u8] = request.get(1).map_or(&[], Vec::as_slice);
             self.socket.send_multipart(

@@ -39,10 +39,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::Acl;
-use crate::config::{Config, OverflowPolicy, QueueConfig};
+use crate::config::{Config, Limits, OverflowPolicy, QueueConfig};
 use crate::filter::Filter;
 use crate::frame::Frame;
-use crate::metrics::{Counters, Snapshot};
+use crate::metrics::{Counters, LogLimiter, Snapshot};
 use crate::protocol::{self, Command, CommandError, ErrorCode, PublishError};
 use crate::subscribers::{Queued, Reply, Subscriber, SubscriberTable};
 use crate::trie::{RoutingIndex, SubId};
@@ -235,32 +235,19 @@ impl Queues {
     }
 }
 
+/// Replies one subscriber may have queued: a full re-subscribe's worth (as
+/// the token bucket allows in one burst) plus `max_queued_replies`, so an
+/// honest client re-subscribing everything always gets every OK.
+fn reply_bound(limits: &Limits) -> usize {
+    limits.max_filters_per_subscriber + limits.max_queued_replies
+}
+
 fn count_drop<P>(counters: &mut Counters, sub: &mut Subscriber<P>, item: &Queued<P>) {
     if matches!(item, Queued::Message { .. }) {
         counters.dropped_queue_full += 1;
         sub.dropped += 1;
     } else {
         counters.dropped_replies += 1;
-    }
-}
-
-/// Logs at most once a second, counting what it held back, so a flood of bad
-/// input cannot turn into a flood of log lines.
-#[derive(Debug, Default)]
-struct LogLimiter {
-    next: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    fn warn(&mut self, now: Instant, what: fmt::Arguments<'_>) {
-        if self.next.is_some_and(|next| now < next) {
-            self.suppressed += 1;
-            return;
-        }
-        self.next = Some(now + Duration::from_secs(1));
-        let suppressed = std::mem::take(&mut self.suppressed);
-        tracing::warn!(suppressed, "{what}");
     }
 }
 
@@ -395,7 +382,7 @@ impl<P: Payload> Broker<P> {
             };
             self.queues.push(
                 &self.config.queue,
-                self.config.limits.max_queued_replies,
+                reply_bound(&self.config.limits),
                 &mut self.counters,
                 id,
                 sub,
@@ -595,7 +582,7 @@ impl<P: Payload> Broker<P> {
         }
         self.queues.push(
             &self.config.queue,
-            self.config.limits.max_queued_replies,
+            reply_bound(&self.config.limits),
             &mut self.counters,
             id,
             sub,
@@ -741,7 +728,7 @@ impl<P: Payload> Broker<P> {
         let text = "cut-off: slow consumer, filters and queue dropped; subscribe again";
         self.queues.push(
             &self.config.queue,
-            self.config.limits.max_queued_replies,
+            reply_bound(&self.config.limits),
             &mut self.counters,
             id,
             sub,

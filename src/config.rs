@@ -105,8 +105,9 @@ pub struct Limits {
     /// Commands one subscriber may send per second, sustained; a burst may
     /// add `max_filters_per_subscriber` more (a full re-subscribe).
     pub max_commands_per_sec: u32,
-    /// Replies (OK, ERR, PONG) queued for one subscriber that does not read;
-    /// more are dropped and counted.
+    /// Replies (OK, ERR, PONG) queued for one subscriber that does not read,
+    /// beyond a full re-subscribe (`max_filters_per_subscriber`, always
+    /// allowed); more are dropped and counted.
     pub max_queued_replies: usize,
 }
 

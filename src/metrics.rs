@@ -1,6 +1,28 @@
 //! Counters the broker keeps about itself. The core updates plain integers
 //! (it is single-threaded); exporters read a [`Snapshot`].
 
+/// Logs at most once a second, counting what it held back, so a flood of bad
+/// input (malformed frames, failed handshakes) cannot turn into a flood of
+/// log lines.
+#[derive(Debug, Default)]
+pub(crate) struct LogLimiter {
+    next: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// Logs `what` as a warning unless one was logged less than a second ago.
+    pub(crate) fn warn(&mut self, now: std::time::Instant, what: std::fmt::Arguments<'_>) {
+        if self.next.is_some_and(|next| now < next) {
+            self.suppressed += 1;
+            return;
+        }
+        self.next = Some(now + std::time::Duration::from_secs(1));
+        let suppressed = std::mem::take(&mut self.suppressed);
+        tracing::warn!(suppressed, "{what}");
+    }
+}
+
 /// Monotonic counters since start.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {

@@ -21,7 +21,7 @@ use crate::auth::{self, Acl, KeyList, ServerKeys, ZapHandler};
 use crate::broker::{Broker, SendOutcome, Transport};
 use crate::config::Config;
 use crate::frame::Frame;
-use crate::metrics::{Connections, Exporter, Snapshot};
+use crate::metrics::{Connections, Exporter, LogLimiter, Snapshot};
 
 const PUBLISHERS: Token = Token(0);
 const SUBSCRIBERS: Token = Token(1);
@@ -231,6 +231,7 @@ struct Watch {
     monitor: zmq::Socket,
     open: u64,
     handshake_failures: u64,
+    log: LogLimiter,
 }
 
 impl Watch {
@@ -257,6 +258,7 @@ impl Watch {
             monitor,
             open: 0,
             handshake_failures: 0,
+            log: LogLimiter::default(),
         })
     }
 
@@ -276,7 +278,10 @@ impl Watch {
                 | E::HANDSHAKE_FAILED_PROTOCOL
                 | E::HANDSHAKE_FAILED_AUTH => {
                     self.handshake_failures += 1;
-                    tracing::warn!(event, "a client failed the handshake");
+                    self.log.warn(
+                        Instant::now(),
+                        format_args!("a client failed the handshake (event {event:#x})"),
+                    );
                 }
                 _ => {}
             }
