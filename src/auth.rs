@@ -312,6 +312,14 @@ pub fn keygen(path: &Path) -> Result<String, AuthError> {
         let p = p.to_path_buf();
         move |e| AuthError::Io(p, e)
     };
+    let public_path = PathBuf::from(format!("{}.pub", path.display()));
+    // Neither file may be replaced: a key list may name the old public key.
+    if public_path.exists() {
+        return Err(AuthError::Io(
+            public_path,
+            std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        ));
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -324,8 +332,16 @@ pub fn keygen(path: &Path) -> Result<String, AuthError> {
     )
     .and_then(|()| writeln!(file, "{secret}"))
     .map_err(io(path))?;
-    let public_path = PathBuf::from(format!("{}.pub", path.display()));
-    std::fs::write(&public_path, format!("{public}\n")).map_err(io(&public_path))?;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&public_path)
+        .and_then(|mut f| writeln!(f, "{public}"));
+    if let Err(e) = written {
+        // Half a key pair is worse than none.
+        let _ = std::fs::remove_file(path);
+        return Err(AuthError::Io(public_path, e));
+    }
     Ok(public)
 }
 
