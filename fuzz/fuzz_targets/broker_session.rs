@@ -47,7 +47,8 @@
 //! - the broker's filters per subscriber equal the model's, and stay within
 //!   the per-subscriber, total and subscriber-count limits;
 //! - no subscriber queues more than `max_messages` messages, `max_bytes`
-//!   bytes of messages or `max_queued_replies` replies; the snapshot's
+//!   bytes of messages or `max_queued_replies + max_filters_per_subscriber`
+//!   replies; the snapshot's
 //!   queued messages and bytes and its deepest queue agree with the queues,
 //!   and queued bytes never exceed `max_total_bytes`;
 //! - the counters match what the model saw, and satisfy
@@ -813,7 +814,7 @@ impl Session {
             let own_replies = sub.queue.len() - own_messages;
             assert_eq!(sub.queued_replies, own_replies, "peer {i}'s reply count");
             assert!(
-                own_replies <= limits.max_queued_replies,
+                own_replies <= limits.max_queued_replies + limits.max_filters_per_subscriber,
                 "peer {i}: {own_replies} replies queued"
             );
             assert!(
