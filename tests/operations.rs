@@ -89,7 +89,7 @@ fn metrics_endpoint_and_stats_command() {
     let pub_ep = format!("ipc://{}/pub", dir.path().display());
     let sub_ep = format!("ipc://{}/sub", dir.path().display());
     let metrics = format!("127.0.0.1:{}", common::free_port());
-    let broker = ChildBroker::start(&[
+    let _broker = ChildBroker::start(&[
         "--pub-bind",
         &pub_ep,
         "--sub-bind",
