@@ -650,7 +650,12 @@ impl Server {
             for (slot, frame) in frames.iter_mut().zip(&rest[..kept]) {
                 *slot = frame.bytes();
             }
-            let key = copy_user_id(routing_id, &mut self.user_id);
+            // The connection's User-Id is read from the first command frame,
+            // which comes from the engine with its metadata; the routing-id
+            // frame is built by ROUTER and, when libzmq pre-fetched the
+            // message (ZMQ_EVENTS does), may be built without it.
+            let first = if kept > 0 { &rest[0] } else { routing_id };
+            let key = copy_user_id(first, &mut self.user_id);
             self.core.on_command(
                 routing_id.bytes(),
                 key,
