@@ -1,6 +1,8 @@
 //! The `zbroker` binary: run with endpoints from the environment, pub and sub
 //! as an operator would use them, and a clean stop on SIGTERM.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -66,8 +68,7 @@ fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitSt
 #[test]
 fn run_pub_sub_and_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let pub_endpoint = format!("ipc://{}/pub", dir.path().display());
-    let sub_endpoint = format!("ipc://{}/sub", dir.path().display());
+    let (pub_endpoint, sub_endpoint) = common::endpoints(common::Transport::Ipc, &dir);
     let mut broker = Reaped(
         Command::new(BIN)
             .arg("run")

@@ -86,8 +86,7 @@ fn bad_configurations_say_what_to_fix() {
 #[test]
 fn metrics_endpoint_and_stats_command() {
     let dir = tempfile::tempdir().unwrap();
-    let pub_ep = format!("ipc://{}/pub", dir.path().display());
-    let sub_ep = format!("ipc://{}/sub", dir.path().display());
+    let (pub_ep, sub_ep) = common::endpoints(common::Transport::Ipc, &dir);
     let metrics = format!("127.0.0.1:{}", common::free_port());
     let _broker = ChildBroker::start(&[
         "--pub-bind",

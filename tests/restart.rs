@@ -14,24 +14,11 @@ use zbroker::client::{
 };
 use zbroker::filter::Filter;
 
-fn endpoints(transport: common::Transport, dir: &tempfile::TempDir) -> (String, String) {
-    match transport {
-        common::Transport::Tcp => (
-            format!("tcp://127.0.0.1:{}", common::free_port()),
-            format!("tcp://127.0.0.1:{}", common::free_port()),
-        ),
-        common::Transport::Ipc => (
-            format!("ipc://{}/pub", dir.path().display()),
-            format!("ipc://{}/sub", dir.path().display()),
-        ),
-    }
-}
-
 #[test]
 fn sigkill_and_restart_resubscribes_and_delivers_within_two_seconds() {
     for transport in common::TRANSPORTS {
         let dir = tempfile::tempdir().unwrap();
-        let (pub_ep, sub_ep) = endpoints(transport, &dir);
+        let (pub_ep, sub_ep) = common::endpoints(transport, &dir);
         let args = ["--pub-bind", &pub_ep, "--sub-bind", &sub_ep];
         let mut broker = ChildBroker::start(&args);
         let options = SubscriberOptions {
@@ -92,7 +79,7 @@ fn sigkill_and_restart_resubscribes_and_delivers_within_two_seconds() {
 #[test]
 fn sigterm_flushes_queued_messages_logs_counters_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let (pub_ep, sub_ep) = endpoints(common::Transport::Ipc, &dir);
+    let (pub_ep, sub_ep) = common::endpoints(common::Transport::Ipc, &dir);
     let metrics = format!("127.0.0.1:{}", common::free_port());
     let mut broker = ChildBroker::start(&[
         "--pub-bind",
@@ -165,7 +152,7 @@ fn sigterm_flushes_queued_messages_logs_counters_and_exits_zero() {
 #[test]
 fn a_publisher_whose_broker_is_down_queues_then_times_out_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (pub_ep, sub_ep) = endpoints(common::Transport::Ipc, &dir);
+    let (pub_ep, sub_ep) = common::endpoints(common::Transport::Ipc, &dir);
     let options = PublisherOptions {
         hwm: 10,
         send_timeout: Some(Duration::from_millis(200)),

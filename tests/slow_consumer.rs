@@ -23,8 +23,7 @@ const FIXED_OVERHEAD: u64 = 32 << 20;
 #[test]
 fn one_slow_subscriber_does_not_hurt_the_other_nineteen() {
     let dir = tempfile::tempdir().unwrap();
-    let pub_endpoint = format!("ipc://{}/pub", dir.path().display());
-    let sub_endpoint = format!("ipc://{}/sub", dir.path().display());
+    let (pub_endpoint, sub_endpoint) = common::endpoints(common::Transport::Ipc, &dir);
     let metrics = format!("127.0.0.1:{}", common::free_port());
     let total = QUEUE_TOTAL_BYTES.to_string();
     let broker = ChildBroker::start(&[

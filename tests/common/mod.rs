@@ -315,6 +315,21 @@ impl Drop for ChildBroker {
     }
 }
 
+/// A publisher and a subscriber endpoint: loopback tcp on free ports, or ipc
+/// paths in `dir`.
+pub fn endpoints(transport: Transport, dir: &tempfile::TempDir) -> (String, String) {
+    match transport {
+        Transport::Tcp => (
+            format!("tcp://127.0.0.1:{}", free_port()),
+            format!("tcp://127.0.0.1:{}", free_port()),
+        ),
+        Transport::Ipc => (
+            format!("ipc://{}/pub", dir.path().display()),
+            format!("ipc://{}/sub", dir.path().display()),
+        ),
+    }
+}
+
 /// A free loopback TCP port (the OS picks it; it is free when we return).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
