@@ -594,10 +594,7 @@ impl Subscriber {
                 Err(zmq::Error::EAGAIN) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
-            let Some(event) = frames
-                .first()
-                .and_then(|f| Some(u16::from_le_bytes([*f.first()?, *f.get(1)?])))
-            else {
+            let Some(event) = crate::frame::monitor_event(&frames) else {
                 continue;
             };
             if event == zmq::SocketEvent::DISCONNECTED as u16 {

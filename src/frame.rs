@@ -165,6 +165,13 @@ impl std::fmt::Debug for Frame {
     }
 }
 
+/// The event number of a message from a libzmq socket monitor: the first
+/// frame starts with it as a little-endian u16 (`zmq_socket_monitor`).
+pub fn monitor_event(frames: &[Vec<u8>]) -> Option<u16> {
+    let first = frames.first()?;
+    Some(u16::from_le_bytes([*first.first()?, *first.get(1)?]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

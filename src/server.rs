@@ -265,10 +265,7 @@ impl Watch {
     fn drain(&mut self) {
         use zmq::SocketEvent as E;
         while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
-            let Some(event) = frames
-                .first()
-                .and_then(|f| Some(u16::from_le_bytes([*f.first()?, *f.get(1)?])))
-            else {
+            let Some(event) = crate::frame::monitor_event(&frames) else {
                 continue;
             };
             match E::from_raw(event) {
