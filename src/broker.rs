@@ -269,6 +269,8 @@ pub struct Broker<P> {
     counters: Counters,
     /// Scratch buffers reused across calls so routing does not allocate.
     matched: Vec<SubId>,
+    /// Deliveries of the current message that must wait in a queue.
+    waiting: Vec<(SubId, u64)>,
     gone: Vec<SubId>,
     next_sweep: Instant,
     publish_log: LogLimiter,
@@ -286,6 +288,7 @@ impl<P: Payload> Broker<P> {
             queues: Queues::default(),
             counters: Counters::default(),
             matched: Vec::new(),
+            waiting: Vec::new(),
             gone: Vec::new(),
             next_sweep: now,
             publish_log: LogLimiter::default(),
@@ -347,11 +350,16 @@ impl<P: Payload> Broker<P> {
         let payload_len = payload.bytes().len() as u64;
         self.counters.published += 1;
         self.counters.published_bytes += payload_len;
-        self.index.matches(topic.bytes(), &mut self.matched);
+        // The topic's bytes are read once per message, not per delivery (each
+        // read of a Frame is two FFI calls); deliveries that must wait are
+        // queued after the loop, when sharing the topic needs it mutably.
+        let topic_bytes = topic.bytes();
+        self.index.matches(topic_bytes, &mut self.matched);
         if self.matched.is_empty() {
             self.counters.unmatched += 1;
             return Ok(0);
         }
+        self.waiting.clear();
         for &id in &self.matched {
             let Some(sub) = self.subs.get_mut(id) else {
                 debug_assert!(false, "routing index names a removed subscriber");
@@ -361,7 +369,7 @@ impl<P: Payload> Broker<P> {
             let seq = sub.last_seq;
             self.counters.routed += 1;
             if sub.queue.is_empty() {
-                match out.deliver(&sub.routing_id, seq, topic.bytes(), payload) {
+                match out.deliver(&sub.routing_id, seq, topic_bytes, payload) {
                     SendOutcome::Sent => {
                         self.counters.delivered += 1;
                         self.counters.delivered_bytes += payload_len;
@@ -375,6 +383,14 @@ impl<P: Payload> Broker<P> {
                     SendOutcome::WouldBlock => {}
                 }
             }
+            // Each subscriber appears once per message, so queueing it after
+            // the loop keeps its order.
+            self.waiting.push((id, seq));
+        }
+        for &(id, seq) in &self.waiting {
+            let Some(sub) = self.subs.get_mut(id) else {
+                continue;
+            };
             let item = Queued::Message {
                 seq,
                 topic: topic.share(),
