@@ -3,84 +3,23 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_zbroker");
-
-/// Kills the child on drop so a failing test leaves no process behind.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Streams a child's stderr lines into a channel.
-fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits for a stderr line containing `needle`; returns every line seen.
-fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
-    let mut seen = Vec::new();
-    loop {
-        match lines.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) => {
-                let found = line.contains(needle);
-                seen.push(line);
-                if found {
-                    return seen;
-                }
-            }
-            Err(_) => panic!("no line containing {needle:?}; got {seen:#?}"),
-        }
-    }
-}
-
-fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "process did not exit in {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{BIN, ChildBroker, Reaped, stderr_lines, wait_exit, wait_for_line};
 
 #[test]
 fn run_pub_sub_and_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (pub_endpoint, sub_endpoint) = common::endpoints(common::Transport::Ipc, &dir);
-    let mut broker = Reaped(
-        Command::new(BIN)
-            .arg("run")
-            .env("ZBROKER_PUB_BIND", &pub_endpoint)
-            .env("ZBROKER_SUB_BIND", &sub_endpoint)
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let mut broker = ChildBroker::start_with_env(
+        &[],
+        &[
+            ("ZBROKER_PUB_BIND", &pub_endpoint),
+            ("ZBROKER_SUB_BIND", &sub_endpoint),
+        ],
     );
-    let broker_log = stderr_lines(&mut broker.0);
-    let lines = wait_for_line(&broker_log, "subscribers connect");
+    let lines = &broker.startup_log;
     assert!(
         lines.iter().any(|l| l.contains(&pub_endpoint)),
         "logs what it bound: {lines:#?}"
@@ -121,24 +60,16 @@ fn run_pub_sub_and_sigterm() {
         .unwrap()
         .write_all(b"payload from stdin")
         .unwrap();
-    assert!(wait_with_timeout(&mut from_stdin, Duration::from_secs(20)).success());
+    assert!(wait_exit(&mut from_stdin, Duration::from_secs(20)).success());
 
-    assert!(wait_with_timeout(&mut sub.0, Duration::from_secs(20)).success());
+    assert!(wait_exit(&mut sub.0, Duration::from_secs(20)).success());
     let mut out = String::new();
     std::io::Read::read_to_string(&mut sub.0.stdout.take().unwrap(), &mut out).unwrap();
     assert_eq!(out, "net.a.port up\ndone payload from stdin\n");
 
-    let pid = broker.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = wait_with_timeout(&mut broker.0, Duration::from_secs(20));
+    let status = broker.terminate();
     assert!(status.success(), "SIGTERM exits 0, got {status:?}");
-    let lines = wait_for_line(&broker_log, "broker stopped");
+    let lines = broker.wait_for_log("broker stopped");
     assert!(lines.last().unwrap().contains("published=2"), "{lines:#?}");
 }
 

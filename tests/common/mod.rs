@@ -213,56 +213,106 @@ impl Rng {
 /// The `zbroker` binary built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_zbroker");
 
+/// Kills the child on drop, so a failing test leaves no process behind.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Streams a child's stderr (which must be piped) into a channel of lines.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (30 s at most) for a line containing `needle`; returns every line
+/// seen up to and including it.
+pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no line containing {needle:?}; got {seen:#?}"),
+        }
+    }
+}
+
+/// Waits up to `limit` for a child to exit.
+pub fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A broker running as a child process: killed on drop, so a failing test
 /// leaves nothing behind. Its stderr is streamed into `log`.
 pub struct ChildBroker {
     pub child: std::process::Child,
     pub log: std::sync::mpsc::Receiver<String>,
+    /// What it logged up to binding both endpoints.
+    pub startup_log: Vec<String>,
 }
 
 impl ChildBroker {
     /// Runs `zbroker run ARGS` and waits until it has bound both endpoints.
     pub fn start(args: &[&str]) -> ChildBroker {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(BIN)
+        ChildBroker::start_with_env(args, &[])
+    }
+
+    /// Like `start`, with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> ChildBroker {
+        let mut command = std::process::Command::new(BIN);
+        command
             .arg("run")
             .args(args)
             .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start zbroker");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, log) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let broker = ChildBroker { child, log };
-        broker.wait_for_log("subscribers connect");
-        broker
+            .stderr(std::process::Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start zbroker");
+        let log = stderr_lines(&mut child);
+        let startup_log = wait_for_line(&log, "subscribers connect");
+        ChildBroker {
+            child,
+            log,
+            startup_log,
+        }
     }
 
     /// Waits for a log line containing `needle`; returns the lines seen.
     pub fn wait_for_log(&self, needle: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            match self.log.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) => {
-                    let found = line.contains(needle);
-                    seen.push(line);
-                    if found {
-                        return seen;
-                    }
-                }
-                Err(_) => panic!("broker never logged {needle:?}; it logged {seen:#?}"),
-            }
-        }
+        wait_for_line(&self.log, needle)
     }
 
     pub fn pid(&self) -> u32 {
@@ -294,17 +344,7 @@ impl ChildBroker {
 
     /// Waits up to `limit` for the process to exit.
     pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "broker did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_exit(&mut self.child, limit)
     }
 }
 
