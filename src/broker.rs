@@ -235,6 +235,56 @@ impl Queues {
     }
 }
 
+/// Messages routed by [`Broker::route_publish`] and not sent yet.
+///
+/// Deliveries are sent per subscriber, all of one subscriber's in a row:
+/// libzmq's I/O thread then finds a run of messages in that subscriber's
+/// pipe and writes them with one `send()`, where message-by-message fan-out
+/// wakes it, and makes a system call, for every delivery.
+#[derive(Debug)]
+struct Staged<P> {
+    messages: Vec<StagedMessage<P>>,
+    /// The staged topics' bytes back to back: read once per message rather
+    /// than through the FFI once per delivery.
+    topic_bytes: Vec<u8>,
+    /// Subscribers with staged deliveries (a non-empty `Subscriber::staged`),
+    /// each once, in the order of their first.
+    subscribers: Vec<SubId>,
+    deliveries: usize,
+    /// When the last message was staged: the time its queueing is dated.
+    routed_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct StagedMessage<P> {
+    topic: P,
+    payload: P,
+    payload_len: u64,
+    /// Where the topic is in `Staged::topic_bytes`.
+    topic_at: std::ops::Range<usize>,
+}
+
+impl<P> Default for Staged<P> {
+    fn default() -> Self {
+        Staged {
+            messages: Vec::new(),
+            topic_bytes: Vec::new(),
+            subscribers: Vec::new(),
+            deliveries: 0,
+            routed_at: None,
+        }
+    }
+}
+
+/// At most this many deliveries are staged by [`Broker::route_publish`]
+/// before they are sent: bounds the delay staging adds (a few
+/// milliseconds) while leaving runs long enough to batch libzmq's writes
+/// (40 messages per subscriber at a fan-out of 100).
+pub const MAX_STAGED_DELIVERIES: usize = 4096;
+/// At most this many messages are staged by [`Broker::route_publish`]
+/// before their deliveries are sent.
+pub const MAX_STAGED_MESSAGES: usize = 1024;
+
 /// Replies one subscriber may have queued: a full re-subscribe's worth (as
 /// the token bucket allows in one burst) plus `max_queued_replies`, so an
 /// honest client re-subscribing everything always gets every OK.
@@ -267,10 +317,10 @@ pub struct Broker<P> {
     subs: SubscriberTable<P>,
     queues: Queues,
     counters: Counters,
-    /// Scratch buffers reused across calls so routing does not allocate.
+    /// Scratch buffer reused across calls so routing does not allocate.
     matched: Vec<SubId>,
-    /// Deliveries of the current message that must wait in a queue.
-    waiting: Vec<(SubId, u64)>,
+    /// Messages routed but not sent yet; see [`Broker::route_publish`].
+    staged: Staged<P>,
     gone: Vec<SubId>,
     next_sweep: Instant,
     publish_log: LogLimiter,
@@ -288,7 +338,7 @@ impl<P: Payload> Broker<P> {
             queues: Queues::default(),
             counters: Counters::default(),
             matched: Vec::new(),
-            waiting: Vec::new(),
+            staged: Staged::default(),
             gone: Vec::new(),
             next_sweep: now,
             publish_log: LogLimiter::default(),
@@ -307,11 +357,34 @@ impl<P: Payload> Broker<P> {
         &self.config
     }
 
-    /// Routes one publisher message. `frames` holds the first frames received
-    /// (at most 2 are looked at), `frame_count` how many the message had, and
-    /// `key` the publisher's authenticated CURVE key (Z85), if any.
-    /// Returns how many subscribers it was routed to, or why it was dropped.
+    /// Routes one publisher message and sends it to every subscriber whose
+    /// filters match. `frames` holds the first frames received (at most 2
+    /// are looked at), `frame_count` how many the message had, and `key` the
+    /// publisher's authenticated CURVE key (Z85), if any. Returns how many
+    /// subscribers it was routed to, or why it was dropped.
     pub fn on_publish(
+        &mut self,
+        key: Option<&str>,
+        frames: &mut [P],
+        frame_count: usize,
+        now: Instant,
+        out: &mut impl Transport<P>,
+    ) -> Result<usize, PublishError> {
+        let routed = self.route_publish(key, frames, frame_count, now, out);
+        self.send_routed(out);
+        routed
+    }
+
+    /// [`on_publish`](Self::on_publish) for a batch: routes the message and
+    /// stages its deliveries (each takes its seq now); [`send_routed`]
+    /// sends what is staged, each subscriber's deliveries in a row. Every
+    /// other call that takes a transport sends staged deliveries first, and
+    /// so does this one once [`MAX_STAGED_DELIVERIES`] or
+    /// [`MAX_STAGED_MESSAGES`] are staged, so nothing waits unboundedly and
+    /// the order of everything a subscriber receives is kept.
+    ///
+    /// [`send_routed`]: Self::send_routed
+    pub fn route_publish(
         &mut self,
         key: Option<&str>,
         frames: &mut [P],
@@ -350,65 +423,110 @@ impl<P: Payload> Broker<P> {
         let payload_len = payload.bytes().len() as u64;
         self.counters.published += 1;
         self.counters.published_bytes += payload_len;
-        // The topic's bytes are read once per message, not per delivery (each
-        // read of a Frame is two FFI calls); deliveries that must wait are
-        // queued after the loop, when sharing the topic needs it mutably.
         let topic_bytes = topic.bytes();
         self.index.matches(topic_bytes, &mut self.matched);
         if self.matched.is_empty() {
             self.counters.unmatched += 1;
             return Ok(0);
         }
-        self.waiting.clear();
+        let staged = &mut self.staged;
+        let message = u32::try_from(staged.messages.len()).expect("MAX_STAGED_MESSAGES fits");
+        let topic_start = staged.topic_bytes.len();
+        staged.topic_bytes.extend_from_slice(topic_bytes);
+        let topic_at = topic_start..staged.topic_bytes.len();
         for &id in &self.matched {
             let Some(sub) = self.subs.get_mut(id) else {
                 debug_assert!(false, "routing index names a removed subscriber");
                 continue;
             };
             sub.last_seq += 1;
-            let seq = sub.last_seq;
-            self.counters.routed += 1;
-            if sub.queue.is_empty() {
-                match out.deliver(&sub.routing_id, seq, topic_bytes, payload) {
-                    SendOutcome::Sent => {
-                        self.counters.delivered += 1;
-                        self.counters.delivered_bytes += payload_len;
-                        continue;
-                    }
-                    SendOutcome::Unreachable => {
-                        self.counters.dropped_subscriber_gone += 1;
-                        self.gone.push(id);
-                        continue;
-                    }
-                    SendOutcome::WouldBlock => {}
-                }
+            if sub.staged.is_empty() {
+                staged.subscribers.push(id);
             }
-            // Each subscriber appears once per message, so queueing it after
-            // the loop keeps its order.
-            self.waiting.push((id, seq));
+            sub.staged.push(message);
         }
-        for &(id, seq) in &self.waiting {
+        staged.messages.push(StagedMessage {
+            topic: topic.share(),
+            payload: payload.share(),
+            payload_len,
+            topic_at,
+        });
+        staged.routed_at = Some(now);
+        let routed = self.matched.len();
+        staged.deliveries += routed;
+        self.counters.routed += routed as u64;
+        if staged.deliveries >= MAX_STAGED_DELIVERIES
+            || staged.messages.len() >= MAX_STAGED_MESSAGES
+        {
+            self.send_routed(out);
+        }
+        Ok(routed)
+    }
+
+    /// Sends the deliveries [`route_publish`](Self::route_publish) staged:
+    /// per subscriber, in order, straight to libzmq while it takes them and
+    /// into the subscriber's queue from the first it refuses.
+    pub fn send_routed(&mut self, out: &mut impl Transport<P>) {
+        let Some(now) = self.staged.routed_at.take() else {
+            return;
+        };
+        let staged = &mut self.staged;
+        for &id in &staged.subscribers {
             let Some(sub) = self.subs.get_mut(id) else {
+                debug_assert!(false, "a subscriber was removed with deliveries staged");
                 continue;
             };
-            let item = Queued::Message {
-                seq,
-                topic: topic.share(),
-                payload: payload.share(),
-            };
-            self.queues.push(
-                &self.config.queue,
-                reply_bound(&self.config.limits),
-                &mut self.counters,
-                id,
-                sub,
-                item,
-                now,
-            );
+            let list = std::mem::take(&mut sub.staged);
+            let first_seq = sub.last_seq + 1 - list.len() as u64;
+            let mut sent = 0;
+            if sub.queue.is_empty() {
+                for &message in &list {
+                    let message = &mut staged.messages[message as usize];
+                    let topic = &staged.topic_bytes[message.topic_at.clone()];
+                    let seq = first_seq + sent as u64;
+                    match out.deliver(&sub.routing_id, seq, topic, &mut message.payload) {
+                        SendOutcome::Sent => {
+                            self.counters.delivered += 1;
+                            self.counters.delivered_bytes += message.payload_len;
+                            sent += 1;
+                        }
+                        SendOutcome::WouldBlock => break,
+                        SendOutcome::Unreachable => {
+                            self.counters.dropped_subscriber_gone += (list.len() - sent) as u64;
+                            sent = list.len();
+                            self.gone.push(id);
+                            break;
+                        }
+                    }
+                }
+            }
+            for (i, &message) in list.iter().enumerate().skip(sent) {
+                let message = &mut staged.messages[message as usize];
+                let item = Queued::Message {
+                    seq: first_seq + i as u64,
+                    topic: message.topic.share(),
+                    payload: message.payload.share(),
+                };
+                self.queues.push(
+                    &self.config.queue,
+                    reply_bound(&self.config.limits),
+                    &mut self.counters,
+                    id,
+                    sub,
+                    item,
+                    now,
+                );
+            }
+            // Hand the list back emptied, keeping its capacity: steady-state
+            // routing does not allocate.
+            sub.staged = list;
+            sub.staged.clear();
         }
-        let routed = self.matched.len();
+        staged.subscribers.clear();
+        staged.messages.clear();
+        staged.topic_bytes.clear();
+        staged.deliveries = 0;
         self.remove_gone();
-        Ok(routed)
     }
 
     /// Handles one message from a subscriber: `routing_id` is its ROUTER
@@ -424,6 +542,7 @@ impl<P: Payload> Broker<P> {
         now: Instant,
         out: &mut impl Transport<P>,
     ) {
+        self.send_routed(out);
         let (id, reply) = self.decide(routing_id, key, frames, frame_count, now);
         self.reply(id, routing_id, reply, now, out);
         self.remove_gone();
@@ -610,6 +729,7 @@ impl<P: Payload> Broker<P> {
     /// Sends what waits in subscriber queues, oldest first, until libzmq
     /// refuses more. Returns whether anything is still queued.
     pub fn flush(&mut self, out: &mut impl Transport<P>) -> bool {
+        self.send_routed(out);
         let mut i = 0;
         while let Some(&id) = self.queues.backlog.get(i) {
             let Some(sub) = self.subs.get_mut(id) else {
@@ -665,6 +785,7 @@ impl<P: Payload> Broker<P> {
     /// applies the `disconnect` overflow policy. Returns when it next needs
     /// to be called.
     pub fn tick(&mut self, now: Instant, out: &mut impl Transport<P>) -> Instant {
+        self.send_routed(out);
         if now < self.next_sweep {
             return self.next_sweep;
         }
@@ -782,6 +903,12 @@ impl<P: Payload> Broker<P> {
         }
         tracing::debug!(subscriber = %Hex(&sub.routing_id), "forgot a subscriber");
         true
+    }
+
+    /// Deliveries routed by [`route_publish`](Self::route_publish) and not
+    /// sent yet.
+    pub fn staged_deliveries(&self) -> usize {
+        self.staged.deliveries
     }
 
     /// Counters and gauges as of now.
@@ -964,6 +1091,95 @@ mod tests {
             Err(PublishError::FrameCount(3))
         );
         assert_eq!(b.counters().malformed_publishes, 2);
+    }
+
+    #[test]
+    fn staged_deliveries_go_out_per_subscriber_in_order() {
+        let now = Instant::now();
+        let mut b = Broker::new(Config::default(), now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        command(&mut b, &mut out, b"b", &[b"SUB", b"exact", b"x"]);
+        command(&mut b, &mut out, b"c", &[b"SUB", b"prefix", b""]);
+        out.gone.insert(b"c".to_vec());
+        for topic in ["x", "y", "x"] {
+            let mut frames: [Bytes; 2] = [Rc::from(topic.as_bytes()), Rc::from(&b"p"[..])];
+            b.route_publish(None, &mut frames, 2, now, &mut out)
+                .unwrap();
+        }
+        assert!(out.delivered.is_empty(), "staged, not sent");
+        assert_eq!(b.staged_deliveries(), 8);
+        assert_eq!(
+            b.subscriber(b"a").unwrap().last_seq,
+            3,
+            "seqs taken when routed"
+        );
+        b.send_routed(&mut out);
+        let mut sent: Vec<(&[u8], u64, &[u8])> = out
+            .delivered
+            .iter()
+            .map(|(to, seq, topic)| (&to[..], *seq, &topic[..]))
+            .collect();
+        let runs = 1 + sent.windows(2).filter(|w| w[0].0 != w[1].0).count();
+        assert_eq!(runs, 2, "one run per subscriber: {sent:?}");
+        sent.sort_by_key(|d| d.0);
+        let want: [(&[u8], u64, &[u8]); 5] = [
+            (b"a", 1, b"x"),
+            (b"a", 2, b"y"),
+            (b"a", 3, b"x"),
+            (b"b", 1, b"x"),
+            (b"b", 2, b"x"),
+        ];
+        assert_eq!(sent, want, "each subscriber's run in order");
+        assert_eq!(b.staged_deliveries(), 0);
+        assert!(b.subscriber(b"c").is_none(), "unreachable: forgotten");
+        let c = b.counters();
+        assert_eq!(c.dropped_subscriber_gone, 3, "all of c's staged deliveries");
+        assert_eq!(c.routed, c.delivered + c.dropped_subscriber_gone);
+
+        // A command sends what is staged before its reply.
+        out.delivered.clear();
+        let mut frames: [Bytes; 2] = [Rc::from(&b"x"[..]), Rc::from(&b"p"[..])];
+        b.route_publish(None, &mut frames, 2, now, &mut out)
+            .unwrap();
+        command(&mut b, &mut out, b"b", &[b"PING"]);
+        assert_eq!(out.delivered.len(), 2);
+        assert_eq!(b.staged_deliveries(), 0);
+    }
+
+    #[test]
+    fn a_full_pipe_mid_run_queues_the_rest_of_it() {
+        let now = Instant::now();
+        let mut b = Broker::new(Config::default(), now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        out.full.insert(b"a".to_vec());
+        for _ in 0..3 {
+            let mut frames: [Bytes; 2] = [Rc::from(&b"t"[..]), Rc::from(&b"p"[..])];
+            b.route_publish(None, &mut frames, 2, now, &mut out)
+                .unwrap();
+        }
+        b.send_routed(&mut out);
+        assert_eq!(b.queued_messages(), 3);
+        out.full.clear();
+        assert!(!b.flush(&mut out));
+        let seqs: Vec<u64> = out.delivered.iter().map(|d| d.1).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[test]
+    fn staging_is_bounded() {
+        let now = Instant::now();
+        let mut b = Broker::new(Config::default(), now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        for _ in 0..MAX_STAGED_MESSAGES + 10 {
+            let mut frames: [Bytes; 2] = [Rc::from(&b"t"[..]), Rc::from(&b"p"[..])];
+            b.route_publish(None, &mut frames, 2, now, &mut out)
+                .unwrap();
+            assert!(b.staged_deliveries() < MAX_STAGED_MESSAGES);
+        }
+        assert_eq!(out.delivered.len(), MAX_STAGED_MESSAGES);
     }
 
     #[test]

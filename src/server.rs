@@ -606,14 +606,18 @@ impl Server {
         snapshot
     }
 
-    /// Reads up to [`BATCH`] publisher messages; returns how many.
+    /// Reads up to [`BATCH`] publisher messages and routes them; returns
+    /// how many. Their deliveries are sent after the batch, one run per
+    /// subscriber (see [`Broker::route_publish`]).
     fn read_publishers(&mut self, now: Instant) -> Result<usize, ServerError> {
-        for n in 0..BATCH {
+        let mut read = 0;
+        while read < BATCH {
             match self.publish_frames[0].recv(&mut self.pull, zmq::DONTWAIT) {
                 Ok(()) => {}
-                Err(zmq::Error::EAGAIN) => return Ok(n),
+                Err(zmq::Error::EAGAIN) => break,
                 Err(e) => return Err(ServerError::Zmq("receive from publishers", e)),
             }
+            read += 1;
             let count = receive_rest(
                 &mut self.pull,
                 &mut self.publish_frames,
@@ -625,7 +629,7 @@ impl Server {
             } else {
                 None
             };
-            let _ = self.core.on_publish(
+            let _ = self.core.route_publish(
                 key,
                 &mut self.publish_frames[..kept],
                 count,
@@ -633,7 +637,9 @@ impl Server {
                 &mut RouterTransport::new(&mut self.router),
             );
         }
-        Ok(BATCH)
+        self.core
+            .send_routed(&mut RouterTransport::new(&mut self.router));
+        Ok(read)
     }
 
     /// Reads up to [`BATCH`] subscriber messages; returns how many.

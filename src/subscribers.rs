@@ -76,6 +76,9 @@ pub struct Subscriber<P> {
     pub command_tokens: f64,
     /// When `command_tokens` was last refilled.
     pub tokens_at: Instant,
+    /// Indices of the broker's staged messages routed to it and not sent
+    /// yet, in order; empty between the broker's calls.
+    pub staged: Vec<u32>,
 }
 
 impl<P> Subscriber<P> {
@@ -93,6 +96,7 @@ impl<P> Subscriber<P> {
             queued_replies: 0,
             command_tokens: f64::MAX,
             tokens_at: now,
+            staged: Vec::new(),
         }
     }
 }

@@ -8,8 +8,9 @@
 //! comes back under the same routing id. Unit tests pin a few of those; this
 //! target lets the fuzzer pick them. Five routing ids send commands (valid
 //! ones from a small alphabet, plus garbage), publishers send messages (plus
-//! malformed ones), time advances by fuzz-chosen steps, `flush` and `tick`
-//! run whenever the input says, and the transport answers each routing id
+//! malformed ones) through `on_publish` or staged through `route_publish`
+//! (as the server routes a batch), time advances by fuzz-chosen steps,
+//! `flush` and `tick` run whenever the input says, and the transport answers each routing id
 //! `Sent`, `WouldBlock` (always, or after N more sends) or `Unreachable` as
 //! the input sets it. The config is tiny (queues of a few messages and
 //! bytes, a few filters and subscribers) and uses the overflow policy the
@@ -25,8 +26,12 @@
 //!   reaches a subscriber at most once and only if it had a matching filter
 //!   when the message was routed; seq restarts at 1 once the broker has
 //!   forgotten the subscriber;
-//! - `on_publish` returns the number of receivers the model computes with
-//!   `Filter::matches`, and each subscriber's `last_seq` equals the model's;
+//! - `on_publish` and `route_publish` return the number of receivers the
+//!   model computes with `Filter::matches`, and each subscriber's
+//!   `last_seq` equals the model's; staged deliveries go out, in order, at
+//!   the next `send_routed`, `on_publish` or `flush` (the target calls
+//!   `send_routed` before `on_command` and `tick`, which would send them
+//!   first too);
 //! - every reply the transport sees is one the model predicted for that
 //!   routing id (the `OK` echo, `PONG`, or `ERR` with the predicted code), in
 //!   command order, or an `expired:` / `cut-off:` notice when one is due;
@@ -53,8 +58,8 @@
 //!   and queued bytes never exceed `max_total_bytes`;
 //! - the counters match what the model saw, and satisfy
 //!   `routed == delivered + dropped_queue_full + dropped_subscriber_gone
-//!   + queued_messages` (every routed message is in exactly one of those
-//!   states) and `expired + unreachable == subscribers forgotten`.
+//!   + queued_messages + staged` (every routed message is in exactly one of
+//!   those states) and `expired + unreachable == subscribers forgotten`.
 //!
 //! At the end every peer becomes writable again: a flush must empty every
 //! queue, and unsubscribing every filter must return the routing index to
@@ -354,6 +359,8 @@ struct Session {
     /// Replies to routing ids the broker does not track: tried once, at once.
     one_shot: Vec<(usize, Expected)>,
     tally: Tally,
+    /// `route_publish` left deliveries staged.
+    staged: bool,
 }
 
 impl Session {
@@ -372,6 +379,7 @@ impl Session {
             next_sweep: Duration::ZERO,
             one_shot: Vec::new(),
             tally: Tally::default(),
+            staged: false,
         }
     }
 
@@ -379,7 +387,20 @@ impl Session {
         self.base + self.now
     }
 
+    /// `on_command` and `tick` send staged deliveries before anything else;
+    /// that is done here first, so the model sees which peers a staged
+    /// delivery found unreachable before it predicts the call's effects.
+    /// (`flush` and `on_publish` are left to send them themselves.)
+    fn send_staged(&mut self) {
+        if std::mem::take(&mut self.staged) {
+            self.broker.send_routed(&mut self.wire);
+            self.absorb(&Call::Publish);
+            self.check();
+        }
+    }
+
     fn command(&mut self, peer: usize, frames: &[&[u8]], count: usize) {
+        self.send_staged();
         let subscribers = self.peers.iter().filter(|p| p.tracked).count();
         let total: usize = self.peers.iter().map(|p| p.filters.len()).sum();
         let rate_refusals = self.broker.counters().refused_rate;
@@ -505,8 +526,9 @@ impl Session {
     }
 
     /// A publish with any topic; `count` frames of which the first two are
-    /// given (the server's calling convention).
-    fn publish(&mut self, frames: Vec<Vec<u8>>, count: usize) {
+    /// given (the server's calling convention). `staged`: through
+    /// `route_publish`, leaving the deliveries staged.
+    fn publish(&mut self, frames: Vec<Vec<u8>>, count: usize, staged: bool) {
         let max = self.config.limits.max_topic_len;
         let want = match &frames[..] {
             _ if count != 2 => Err(PublishError::FrameCount(count)),
@@ -544,10 +566,16 @@ impl Session {
             .collect();
         let mut parts: Vec<Bytes> = frames.iter().map(|f| Rc::from(&f[..])).collect();
         let now = self.instant();
-        let got = self
-            .broker
-            .on_publish(None, &mut parts, count, now, &mut self.wire);
-        assert_eq!(got, want, "on_publish of {frames:?} ({count} frames)");
+        let got = if staged {
+            self.broker
+                .route_publish(None, &mut parts, count, now, &mut self.wire)
+        } else {
+            self.broker
+                .on_publish(None, &mut parts, count, now, &mut self.wire)
+        };
+        assert_eq!(got, want, "publish of {frames:?} ({count} frames)");
+        self.staged = self.broker.staged_deliveries() > 0;
+        assert!(staged || !self.staged, "on_publish left deliveries staged");
         for (i, before) in replies_before.into_iter().enumerate() {
             let after = self.broker.subscriber(PEERS[i]).map(queued_replies);
             if let (Some(before), Some(after)) = (before, after) {
@@ -564,6 +592,7 @@ impl Session {
     }
 
     fn flush(&mut self) {
+        self.staged = false;
         let more = self.broker.flush(&mut self.wire);
         self.absorb(&Call::Flush);
         let queued = PEERS
@@ -575,6 +604,7 @@ impl Session {
     }
 
     fn tick(&mut self) {
+        self.send_staged();
         let due = self.now >= self.next_sweep;
         let timeout = self.config.sub_timeout;
         let expiring: BTreeSet<usize> = (0..PEERS.len())
@@ -835,6 +865,11 @@ impl Session {
             }
         }
 
+        let staged = self.broker.staged_deliveries();
+        assert!(
+            self.staged || staged == 0,
+            "{staged} deliveries left staged"
+        );
         let snapshot = self.broker.snapshot();
         assert_eq!(snapshot.subscribers, subscribers as u64);
         assert!(subscribers <= limits.max_subscribers);
@@ -875,8 +910,9 @@ impl Session {
             c.delivered
                 + c.dropped_queue_full
                 + c.dropped_subscriber_gone
-                + snapshot.queued_messages,
-            "routed = delivered + dropped + queued; {c:?}"
+                + snapshot.queued_messages
+                + staged as u64,
+            "routed = delivered + dropped + queued + staged; {c:?}"
         );
         assert_eq!(
             c.expired_subscribers + c.unreachable_subscribers,
@@ -981,10 +1017,12 @@ enum Op {
         frames: Parts,
         count: usize,
     },
-    /// A publisher's message, likewise with at most two frames given.
+    /// A publisher's message, likewise with at most two frames given;
+    /// `staged` through `route_publish`.
     Publish {
         frames: Parts,
         count: usize,
+        staged: bool,
     },
     Mode(usize, Mode),
     Wait(Duration),
@@ -1022,7 +1060,7 @@ impl Op {
                     count,
                 }
             }
-            4 | 5 => {
+            op @ (4 | 5) => {
                 let topic = input.text(&PIECES, 4);
                 // Payloads differ per publish, so a misrouted or duplicated
                 // delivery cannot pass for the right one.
@@ -1032,6 +1070,7 @@ impl Op {
                 Op::Publish {
                     frames: Parts(vec![topic, payload.collect()]),
                     count: 2,
+                    staged: op == 5,
                 }
             }
             6 => {
@@ -1039,6 +1078,7 @@ impl Op {
                 Op::Publish {
                     frames: Parts((0..count.min(2)).map(|_| input.frame().to_vec()).collect()),
                     count,
+                    staged: false,
                 }
             }
             7 => {
@@ -1087,7 +1127,11 @@ fn run(data: &[u8]) {
                 let frames: Vec<&[u8]> = frames.0.iter().map(Vec::as_slice).collect();
                 session.command(peer, &frames, count);
             }
-            Op::Publish { frames, count } => session.publish(frames.0, count),
+            Op::Publish {
+                frames,
+                count,
+                staged,
+            } => session.publish(frames.0, count, staged),
             Op::Mode(peer, mode) => session.wire.modes[peer] = mode,
             Op::Wait(step) => session.now += step,
             Op::Flush => session.flush(),
