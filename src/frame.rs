@@ -47,7 +47,17 @@ impl Frame {
             );
         }
         let mut frame = Frame { msg };
-        fill(frame.bytes_mut());
+        if len > 0 {
+            // SAFETY: the message was just sized to `len` bytes and is not
+            // shared, so its data is `len` writable bytes owned by `frame`.
+            let data = unsafe {
+                std::slice::from_raw_parts_mut(
+                    zmq_sys::zmq_msg_data(&mut frame.msg) as *mut u8,
+                    len,
+                )
+            };
+            fill(data);
+        }
         frame
     }
 
@@ -75,19 +85,6 @@ impl Frame {
                 return &[];
             }
             std::slice::from_raw_parts(data, len)
-        }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`; `&mut self` makes the access unique, and a
-        // freshly sized part is never shared yet.
-        unsafe {
-            let data = zmq_sys::zmq_msg_data(&mut self.msg) as *mut u8;
-            let len = zmq_sys::zmq_msg_size(&self.msg);
-            if len == 0 {
-                return &mut [];
-            }
-            std::slice::from_raw_parts_mut(data, len)
         }
     }
 
@@ -138,11 +135,17 @@ impl Frame {
     /// Sends this part. On success libzmq owns the bytes; on failure (e.g.
     /// `EAGAIN`, `EHOSTUNREACH`) the frame is dropped and the error returned.
     pub fn send(mut self, socket: &mut zmq::Socket, flags: i32) -> zmq::Result<()> {
-        // SAFETY: valid message and socket; after a successful send the
-        // message is left empty and closing it in Drop is a no-op.
+        // SAFETY: valid message and socket.
         let rc =
             unsafe { zmq_sys::zmq_msg_send(&mut self.msg, socket.as_mut_ptr(), flags as c_int) };
-        if rc < 0 { Err(last_error()) } else { Ok(()) }
+        if rc < 0 {
+            return Err(last_error());
+        }
+        // libzmq took the content and left the message empty; zmq_msg_close
+        // "is NOT necessary after a successful zmq_msg_send()" (its man
+        // page), and skipping it saves an FFI call per part sent.
+        std::mem::forget(self);
+        Ok(())
     }
 }
 
