@@ -22,6 +22,7 @@ use crate::broker::{Broker, SendOutcome, Transport};
 use crate::config::Config;
 use crate::frame::Frame;
 use crate::metrics::{Connections, Exporter, LogLimiter, Snapshot};
+use crate::subscribers::RoutingId;
 
 const PUBLISHERS: Token = Token(0);
 const SUBSCRIBERS: Token = Token(1);
@@ -131,19 +132,40 @@ impl StatsHandle {
 /// send path.
 pub struct RouterTransport<'a> {
     socket: &'a mut zmq::Socket,
+    /// The routing-id part of the last send and its bytes: the core sends
+    /// each subscriber's deliveries in a row, so the next part usually
+    /// shares it instead of building its own.
+    last_address: Option<Frame>,
+    /// Reused (cleared, not reallocated) on every miss.
+    last_id: RoutingId,
 }
 
 impl<'a> RouterTransport<'a> {
     /// Sends on `socket`.
     pub fn new(socket: &'a mut zmq::Socket) -> Self {
-        RouterTransport { socket }
+        RouterTransport {
+            socket,
+            last_address: None,
+            last_id: RoutingId::new(),
+        }
     }
 
     /// Sends the routing frame. With `ZMQ_ROUTER_MANDATORY` this is where a
     /// full pipe (`EAGAIN`) or an unknown peer (`EHOSTUNREACH`) shows; once
     /// it is accepted, libzmq takes the rest of the message whole.
     fn address(&mut self, routing_id: &[u8]) -> SendOutcome {
-        match Frame::from_slice(routing_id).send(self.socket, zmq::SNDMORE | zmq::DONTWAIT) {
+        let frame = match &mut self.last_address {
+            Some(frame) if self.last_id[..] == *routing_id => frame.share(),
+            _ => {
+                let mut frame = Frame::from_slice(routing_id);
+                let shared = frame.share();
+                self.last_address = Some(frame);
+                self.last_id.clear();
+                self.last_id.extend_from_slice(routing_id);
+                shared
+            }
+        };
+        match frame.send(self.socket, zmq::SNDMORE | zmq::DONTWAIT) {
             Ok(()) => SendOutcome::Sent,
             Err(zmq::Error::EAGAIN) => SendOutcome::WouldBlock,
             Err(_) => SendOutcome::Unreachable,
