@@ -7,6 +7,9 @@
 //!      `inproc://`. This is the broker's hot loop minus the receive: match,
 //!      seq, header part, routing-id part and a shared payload handed to
 //!      libzmq per delivery.
+//!    - `core_router_inproc_batched`: the same, the way the server routes:
+//!      [`BATCH`] messages through `route_publish`, then `send_routed`
+//!      sends each subscriber's deliveries in a row.
 //!    - `core_null`: `Broker<Rc<[u8]>>` with a transport that only says
 //!      `Sent`, so the difference between the two is what libzmq costs.
 //!
@@ -40,6 +43,9 @@ const TOPIC: &[u8] = b"neutron.port.6f1c2a9e-3b7d-4e58-9a0c-d2e4f6a8b1c3.update"
 const PAYLOAD_LEN: usize = 64;
 /// Longest a single blocking receive may wait before the bench gives up.
 const RECV_TIMEOUT_MS: i32 = 10_000;
+/// Messages routed before `send_routed` in the batched variant (the
+/// server reads up to 512, the core sends after 4,096 deliveries).
+const BATCH: u64 = 32;
 
 // ---------------------------------------------------------------------------
 // 1. The core through the real ROUTER transport, and through a null one
@@ -130,6 +136,23 @@ impl RouterRig {
         }
     }
 
+    /// Routes `count` messages in batches of [`BATCH`], sending after each.
+    fn publish_batched(&mut self, count: u64) {
+        let mut transport = RouterTransport::new(&mut self.router);
+        for i in 0..count {
+            let routed =
+                self.broker
+                    .route_publish(None, &mut self.frames, 2, self.now, &mut transport);
+            if routed != Ok(self.peers.len()) {
+                panic!("routed {routed:?}, expected {}", self.peers.len());
+            }
+            if (i + 1) % BATCH == 0 {
+                self.broker.send_routed(&mut transport);
+            }
+        }
+        self.broker.send_routed(&mut transport);
+    }
+
     /// Reads the `count` deliveries each peer got, checking their seqs, so
     /// queues do not grow from one sample to the next.
     fn drain(&mut self, count: u64) {
@@ -218,6 +241,18 @@ fn core(c: &mut Criterion) {
                 elapsed
             })
         });
+        group.bench_function(
+            BenchmarkId::new("core_router_inproc_batched", subscribers),
+            |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    rig.publish_batched(iters);
+                    let elapsed = start.elapsed();
+                    rig.drain(iters);
+                    elapsed
+                })
+            },
+        );
     }
     group.finish();
 }
