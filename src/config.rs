@@ -55,6 +55,11 @@ pub struct Config {
     /// libzmq's per-peer high-water mark in messages (`ZMQ_SNDHWM` on the
     /// ROUTER, `ZMQ_RCVHWM` on the PULL).
     pub hwm: i32,
+    /// libzmq I/O threads (`ZMQ_IO_THREADS`), which encode, decode and do
+    /// the socket system calls; connections are spread over them. One is
+    /// enough for a core or two; add one per few more cores the broker may
+    /// use at high fan-out.
+    pub io_threads: i32,
     /// On shutdown, how long to keep flushing queued messages to connected
     /// subscribers before exiting.
     #[serde(with = "humantime_serde")]
@@ -77,6 +82,7 @@ impl Default for Config {
             sub_timeout: Duration::from_secs(10),
             zmtp_heartbeat: Duration::from_secs(30),
             hwm: 1000,
+            io_threads: 1,
             linger: Duration::from_secs(2),
             metrics_bind: None,
             curve: None,
@@ -252,6 +258,12 @@ impl Config {
                 self.sub_timeout
             ));
         }
+        if !(1..=64).contains(&self.io_threads) {
+            return invalid(format!(
+                "io_threads {} is out of range; use 1 to 64",
+                self.io_threads
+            ));
+        }
         if self.queue.max_messages == 0 || self.queue.max_bytes == 0 {
             return invalid("queue.max_messages and queue.max_bytes must be at least 1".into());
         }
@@ -338,5 +350,13 @@ mod tests {
                 .unwrap();
         assert_eq!(config.queue.policy, OverflowPolicy::Disconnect);
         assert!(Config::from_toml("[queue]\npolicy = \"drop-some\"").is_err());
+    }
+
+    #[test]
+    fn io_threads_must_be_1_to_64() {
+        for (threads, ok) in [(0, false), (1, true), (64, true), (65, false)] {
+            let config = Config::from_toml(&format!("io_threads = {threads}")).unwrap();
+            assert_eq!(config.validate().is_ok(), ok, "io_threads = {threads}");
+        }
     }
 }

@@ -162,6 +162,9 @@ struct RunArgs {
     /// libzmq's per-peer queue in messages, SNDHWM/RCVHWM [default: 1000].
     #[arg(long)]
     hwm: Option<i32>,
+    /// libzmq I/O threads (encoding, decoding, socket calls), 1 to 64 [default: 1].
+    #[arg(long)]
+    io_threads: Option<i32>,
     /// On SIGTERM/Ctrl-C, how long to keep flushing queued messages [default: 2s].
     #[arg(long, value_parser = humantime::parse_duration)]
     linger: Option<Duration>,
@@ -224,6 +227,7 @@ impl RunArgs {
         set(&mut c.queue.policy, &self.overflow);
         set(&mut c.queue.disconnect_after, &self.disconnect_after);
         set(&mut c.hwm, &self.hwm);
+        set(&mut c.io_threads, &self.io_threads);
         set(&mut c.linger, &self.linger);
         c.validate()?;
         Ok(c)

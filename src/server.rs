@@ -410,6 +410,10 @@ impl Server {
         let security = check(&config)?;
         raise_open_file_limit();
         let context = zmq::Context::new();
+        zmq_call(
+            "set ZMQ_IO_THREADS",
+            context.set_io_threads(config.io_threads),
+        )?;
         // Before any socket binds: without a ZAP handler, CURVE admits anyone.
         let zap = match &security {
             Some(s) => {
