@@ -1027,6 +1027,12 @@ mod tests {
         b.on_publish(None, &mut frames, 2, now, out).unwrap()
     }
 
+    /// Routes a publish without sending it (`route_publish`).
+    fn stage(b: &mut Broker<Bytes>, out: &mut Recorder, topic: &str, now: Instant) {
+        let mut frames: [Bytes; 2] = [Rc::from(topic.as_bytes()), Rc::from(&b"p"[..])];
+        b.route_publish(None, &mut frames, 2, now, out).unwrap();
+    }
+
     fn command(b: &mut Broker<Bytes>, out: &mut Recorder, who: &[u8], frames: &[&[u8]]) {
         b.on_command(who, None, frames, frames.len(), Instant::now(), out);
     }
@@ -1103,9 +1109,7 @@ mod tests {
         command(&mut b, &mut out, b"c", &[b"SUB", b"prefix", b""]);
         out.gone.insert(b"c".to_vec());
         for topic in ["x", "y", "x"] {
-            let mut frames: [Bytes; 2] = [Rc::from(topic.as_bytes()), Rc::from(&b"p"[..])];
-            b.route_publish(None, &mut frames, 2, now, &mut out)
-                .unwrap();
+            stage(&mut b, &mut out, topic, now);
         }
         assert!(out.delivered.is_empty(), "staged, not sent");
         assert_eq!(b.staged_deliveries(), 8);
@@ -1139,9 +1143,7 @@ mod tests {
 
         // A command sends what is staged before its reply.
         out.delivered.clear();
-        let mut frames: [Bytes; 2] = [Rc::from(&b"x"[..]), Rc::from(&b"p"[..])];
-        b.route_publish(None, &mut frames, 2, now, &mut out)
-            .unwrap();
+        stage(&mut b, &mut out, "x", now);
         command(&mut b, &mut out, b"b", &[b"PING"]);
         assert_eq!(out.delivered.len(), 2);
         assert_eq!(b.staged_deliveries(), 0);
@@ -1155,9 +1157,7 @@ mod tests {
         command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
         out.full.insert(b"a".to_vec());
         for _ in 0..3 {
-            let mut frames: [Bytes; 2] = [Rc::from(&b"t"[..]), Rc::from(&b"p"[..])];
-            b.route_publish(None, &mut frames, 2, now, &mut out)
-                .unwrap();
+            stage(&mut b, &mut out, "t", now);
         }
         b.send_routed(&mut out);
         assert_eq!(b.queued_messages(), 3);
@@ -1174,9 +1174,7 @@ mod tests {
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
         for _ in 0..MAX_STAGED_MESSAGES + 10 {
-            let mut frames: [Bytes; 2] = [Rc::from(&b"t"[..]), Rc::from(&b"p"[..])];
-            b.route_publish(None, &mut frames, 2, now, &mut out)
-                .unwrap();
+            stage(&mut b, &mut out, "t", now);
             assert!(b.staged_deliveries() < MAX_STAGED_MESSAGES);
         }
         assert_eq!(out.delivered.len(), MAX_STAGED_MESSAGES);
