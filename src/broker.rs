@@ -1150,7 +1150,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_pipe_mid_run_queues_the_rest_of_it() {
+    fn staged_deliveries_to_a_full_pipe_queue_in_order() {
         let now = Instant::now();
         let mut b = Broker::new(Config::default(), now);
         let mut out = Recorder::default();
