@@ -478,29 +478,31 @@ impl<P: Payload> Broker<P> {
             };
             let list = std::mem::take(&mut sub.staged);
             let first_seq = sub.last_seq + 1 - list.len() as u64;
-            let mut sent = 0;
+            // Deliveries sent, or dropped because the peer is gone; the
+            // rest are queued.
+            let mut done = 0;
             if sub.queue.is_empty() {
                 for &message in &list {
                     let message = &mut staged.messages[message as usize];
                     let topic = &staged.topic_bytes[message.topic_at.clone()];
-                    let seq = first_seq + sent as u64;
+                    let seq = first_seq + done as u64;
                     match out.deliver(&sub.routing_id, seq, topic, &mut message.payload) {
                         SendOutcome::Sent => {
                             self.counters.delivered += 1;
                             self.counters.delivered_bytes += message.payload_len;
-                            sent += 1;
+                            done += 1;
                         }
                         SendOutcome::WouldBlock => break,
                         SendOutcome::Unreachable => {
-                            self.counters.dropped_subscriber_gone += (list.len() - sent) as u64;
-                            sent = list.len();
+                            self.counters.dropped_subscriber_gone += (list.len() - done) as u64;
+                            done = list.len();
                             self.gone.push(id);
                             break;
                         }
                     }
                 }
             }
-            for (i, &message) in list.iter().enumerate().skip(sent) {
+            for (i, &message) in list.iter().enumerate().skip(done) {
                 let message = &mut staged.messages[message as usize];
                 let item = Queued::Message {
                     seq: first_seq + i as u64,
