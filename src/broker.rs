@@ -139,15 +139,70 @@ fn queued_size<P: Payload>(item: &Queued<P>) -> usize {
 }
 
 /// Totals over all subscriber queues, and which subscribers have one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queues {
     bytes: usize,
     messages: usize,
     /// Subscribers whose queue is not empty, each once.
     backlog: Vec<SubId>,
+    /// The backpressure marks: half of each bound under
+    /// [`OverflowPolicy::Backpressure`], unreachable under the other
+    /// policies.
+    mark: Mark,
+    /// Subscribers whose queue is past the mark.
+    over_mark: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    messages: usize,
+    bytes: usize,
+    total_bytes: usize,
 }
 
 impl Queues {
+    fn new(config: &QueueConfig) -> Self {
+        let mark = if config.policy == OverflowPolicy::Backpressure {
+            // At least 1: an empty queue never holds publishers back.
+            let half = |bound: usize| bound.div_ceil(2).max(1);
+            Mark {
+                messages: half(config.max_messages),
+                bytes: half(config.max_bytes),
+                total_bytes: half(config.max_total_bytes),
+            }
+        } else {
+            Mark {
+                messages: usize::MAX,
+                bytes: usize::MAX,
+                total_bytes: usize::MAX,
+            }
+        };
+        Queues {
+            bytes: 0,
+            messages: 0,
+            backlog: Vec::new(),
+            mark,
+            over_mark: 0,
+        }
+    }
+
+    /// Keeps `sub.over_mark` and the count of such subscribers in step with
+    /// its queue.
+    fn update_mark<P>(&mut self, sub: &mut Subscriber<P>) {
+        // Saturating: forgetting a subscriber empties its queue before
+        // accounting for the items one by one.
+        let over = sub.queue.len().saturating_sub(sub.queued_replies) >= self.mark.messages
+            || sub.queued_bytes >= self.mark.bytes;
+        if over != sub.over_mark {
+            sub.over_mark = over;
+            if over {
+                self.over_mark += 1;
+            } else {
+                self.over_mark -= 1;
+            }
+        }
+    }
+
     /// Accounts for `item` leaving `sub`'s queue (sent or dropped).
     fn took<P: Payload>(&mut self, sub: &mut Subscriber<P>, item: &Queued<P>) {
         let size = queued_size(item);
@@ -157,6 +212,7 @@ impl Queues {
             Queued::Message { .. } => self.messages -= 1,
             Queued::Reply(_) => sub.queued_replies -= 1,
         }
+        self.update_mark(sub);
     }
 
     /// Appends `item` to `sub`'s queue within the configured bounds, applying
@@ -231,6 +287,7 @@ impl Queues {
             sub.queued_replies += 1;
         }
         sub.queue.push_back(item);
+        self.update_mark(sub);
         true
     }
 }
@@ -253,6 +310,9 @@ struct Staged<P> {
     deliveries: usize,
     /// When the last message was staged: the time its queueing is dated.
     routed_at: Option<Instant>,
+    /// A subscriber's staged and queued messages together reach the
+    /// backpressure mark.
+    over_mark: bool,
 }
 
 #[derive(Debug)]
@@ -272,6 +332,7 @@ impl<P> Default for Staged<P> {
             subscribers: Vec::new(),
             deliveries: 0,
             routed_at: None,
+            over_mark: false,
         }
     }
 }
@@ -321,6 +382,9 @@ pub struct Broker<P> {
     matched: Vec<SubId>,
     /// Messages routed but not sent yet; see [`Broker::route_publish`].
     staged: Staged<P>,
+    /// Publishers were held back at the last
+    /// [`publishers_paused`](Broker::publishers_paused).
+    paused: bool,
     gone: Vec<SubId>,
     next_sweep: Instant,
     publish_log: LogLimiter,
@@ -331,14 +395,15 @@ impl<P: Payload> Broker<P> {
     /// A broker with no subscribers.
     pub fn new(config: Config, now: Instant) -> Self {
         Broker {
+            queues: Queues::new(&config.queue),
             config,
             acl: None,
             index: RoutingIndex::new(),
             subs: SubscriberTable::default(),
-            queues: Queues::default(),
             counters: Counters::default(),
             matched: Vec::new(),
             staged: Staged::default(),
+            paused: false,
             gone: Vec::new(),
             next_sweep: now,
             publish_log: LogLimiter::default(),
@@ -444,6 +509,12 @@ impl<P: Payload> Broker<P> {
                 staged.subscribers.push(id);
             }
             sub.staged.push(message);
+            // Staged deliveries reach the queue only when the batch is
+            // sent, so the mark counts them too.
+            if sub.staged.len() + sub.queue.len() - sub.queued_replies >= self.queues.mark.messages
+            {
+                staged.over_mark = true;
+            }
         }
         staged.messages.push(StagedMessage {
             topic: topic.share(),
@@ -528,6 +599,7 @@ impl<P: Payload> Broker<P> {
         staged.messages.clear();
         staged.topic_bytes.clear();
         staged.deliveries = 0;
+        staged.over_mark = false;
         self.remove_gone();
     }
 
@@ -815,7 +887,22 @@ impl<P: Payload> Broker<P> {
             }
         }
 
-        if self.config.queue.policy == OverflowPolicy::Disconnect {
+        if self.config.queue.policy == OverflowPolicy::Backpressure {
+            // A subscriber holding publishers back starts the clock here;
+            // taking anything (in `flush`) stops it.
+            for &id in &self.queues.backlog {
+                if let Some(sub) = self.subs.get_mut(id)
+                    && sub.over_mark
+                    && sub.full_since.is_none()
+                {
+                    sub.full_since = Some(now);
+                }
+            }
+        }
+        if matches!(
+            self.config.queue.policy,
+            OverflowPolicy::Disconnect | OverflowPolicy::Backpressure
+        ) {
             let cutoff = self.config.queue.disconnect_after;
             let slow: Vec<SubId> = self
                 .queues
@@ -840,8 +927,10 @@ impl<P: Payload> Broker<P> {
         self.next_sweep
     }
 
-    /// The `disconnect` policy: a subscriber whose queue stayed full loses
-    /// its filters and queue, and is told so once its pipe drains.
+    /// The `disconnect` policy (and `backpressure`'s bound): a subscriber
+    /// whose queue stayed full, or that held publishers back taking
+    /// nothing, loses its filters and queue, and is told so once its pipe
+    /// drains.
     fn cut_off(&mut self, id: SubId, now: Instant) {
         let Some(sub) = self.subs.get_mut(id) else {
             return;
@@ -907,6 +996,22 @@ impl<P: Payload> Broker<P> {
         true
     }
 
+    /// Under [`OverflowPolicy::Backpressure`]: whether the event loop must
+    /// stop reading publishers, because a subscriber's queue (with what is
+    /// staged for it) is past half its bounds or all queues together are
+    /// past half of theirs. Always false under the other policies. Cheap
+    /// enough to ask before every publish.
+    pub fn publishers_paused(&mut self) -> bool {
+        let paused = self.queues.over_mark > 0
+            || self.staged.over_mark
+            || self.queues.bytes >= self.queues.mark.total_bytes;
+        if paused && !self.paused {
+            self.counters.backpressure_pauses += 1;
+        }
+        self.paused = paused;
+        paused
+    }
+
     /// Deliveries routed by [`route_publish`](Self::route_publish) and not
     /// sent yet.
     pub fn staged_deliveries(&self) -> usize {
@@ -929,6 +1034,7 @@ impl<P: Payload> Broker<P> {
                 .filter_map(|&id| Some(self.subs.get(id)?.queue.len() as u64))
                 .max()
                 .unwrap_or(0),
+            publishers_paused: u64::from(self.paused),
         }
     }
 
@@ -1265,6 +1371,86 @@ mod tests {
         out.full.clear();
         b.flush(&mut out);
         assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"limit"]);
+    }
+
+    /// A broker under the backpressure policy, queues of 4 messages, with
+    /// subscriber "a" on everything and its pipe full.
+    fn backpressured(now: Instant) -> (Broker<Bytes>, Recorder) {
+        let mut config = Config::default();
+        config.queue.max_messages = 4;
+        config.queue.policy = OverflowPolicy::Backpressure;
+        config.queue.disconnect_after = Duration::from_secs(5);
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        out.full.insert(b"a".to_vec());
+        (b, out)
+    }
+
+    #[test]
+    fn backpressure_pauses_publishers_at_half_a_queue_and_loses_nothing() {
+        let now = Instant::now();
+        let (mut b, mut out) = backpressured(now);
+        let mut published = 0;
+        while !b.publishers_paused() {
+            publish(&mut b, &mut out, "t", now);
+            published += 1;
+            assert!(published <= 4, "never paused");
+        }
+        assert_eq!(published, 2, "paused at half of max_messages");
+        assert!(
+            b.publishers_paused(),
+            "stays paused while the queue is full"
+        );
+        out.full.clear();
+        assert!(!b.flush(&mut out));
+        assert!(!b.publishers_paused(), "resumes once the queue drained");
+        let seqs: Vec<u64> = out.delivered.iter().map(|d| d.1).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(b.counters().dropped_queue_full, 0);
+        assert_eq!(b.counters().backpressure_pauses, 1);
+        assert_eq!(b.snapshot().publishers_paused, 0);
+    }
+
+    #[test]
+    fn backpressure_counts_staged_deliveries_toward_the_mark() {
+        let now = Instant::now();
+        let (mut b, mut out) = backpressured(now);
+        stage(&mut b, &mut out, "t", now);
+        assert!(!b.publishers_paused());
+        stage(&mut b, &mut out, "t", now);
+        assert!(b.publishers_paused(), "two staged reach the mark of two");
+        b.send_routed(&mut out);
+        assert!(b.publishers_paused(), "now two queued behind the full pipe");
+    }
+
+    #[test]
+    fn backpressure_cuts_off_a_subscriber_that_takes_nothing() {
+        let now = Instant::now();
+        let (mut b, mut out) = backpressured(now);
+        publish(&mut b, &mut out, "t", now);
+        publish(&mut b, &mut out, "t", now);
+        assert!(b.publishers_paused());
+        // The clock starts at the first tick that sees it holding
+        // publishers back, and taking something restarts it.
+        b.tick(now, &mut out);
+        out.full.clear();
+        b.flush(&mut out); // it takes its queue: progress
+        out.full.insert(b"a".to_vec());
+        publish(&mut b, &mut out, "t", now);
+        publish(&mut b, &mut out, "t", now);
+        let later = now + Duration::from_secs(3);
+        b.tick(later, &mut out);
+        b.tick(now + Duration::from_secs(6), &mut out);
+        assert_eq!(b.counters().slow_disconnects, 0, "it took something at 0 s");
+        b.tick(later + Duration::from_secs(5), &mut out);
+        assert_eq!(b.counters().slow_disconnects, 1);
+        assert_eq!(b.subscription_count(), 0);
+        assert!(
+            !b.publishers_paused(),
+            "a cut-off subscriber holds nothing back"
+        );
+        assert_eq!(b.counters().dropped_queue_full, 2, "its queue, counted");
     }
 
     #[test]

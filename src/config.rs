@@ -144,15 +144,26 @@ pub enum OverflowPolicy {
     /// [`QueueConfig::disconnect_after`], drop the subscriber's filters and
     /// queue and tell it with `[ERR, limit, …]`.
     Disconnect,
+    /// Lose nothing to a slow consumer: while any subscriber's queue is more
+    /// than half full (in messages or bytes), or all queues together hold
+    /// more than half of [`QueueConfig::max_total_bytes`], stop reading
+    /// publishers, so libzmq's PUSH high-water mark slows them down. Every
+    /// publisher then runs at the pace of the slowest matching subscriber.
+    /// A subscriber that takes nothing for [`QueueConfig::disconnect_after`]
+    /// is cut off as with `Disconnect`, so a stuck one cannot stall
+    /// publishers for longer. A message that does not fit in the half left
+    /// (larger than it) is still dropped and counted.
+    Backpressure,
 }
 
 impl OverflowPolicy {
-    /// Parses `drop-new`, `drop-old` or `disconnect`.
+    /// Parses `drop-new`, `drop-old`, `disconnect` or `backpressure`.
     pub fn parse(word: &str) -> Option<OverflowPolicy> {
         match word {
             "drop-new" => Some(OverflowPolicy::DropNew),
             "drop-old" => Some(OverflowPolicy::DropOld),
             "disconnect" => Some(OverflowPolicy::Disconnect),
+            "backpressure" => Some(OverflowPolicy::Backpressure),
             _ => None,
         }
     }
@@ -171,7 +182,9 @@ pub struct QueueConfig {
     pub max_total_bytes: usize,
     /// What to do when a queue is full.
     pub policy: OverflowPolicy,
-    /// With [`OverflowPolicy::Disconnect`]: how long a queue may stay full.
+    /// With [`OverflowPolicy::Disconnect`]: how long a queue may stay full;
+    /// with [`OverflowPolicy::Backpressure`]: how long a subscriber holding
+    /// publishers back may take nothing.
     #[serde(with = "humantime_serde")]
     pub disconnect_after: Duration,
 }

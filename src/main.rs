@@ -153,10 +153,12 @@ struct RunArgs {
     /// Most bytes queued in the broker across all subscribers [default: 512 MiB].
     #[arg(long)]
     queue_max_total_bytes: Option<usize>,
-    /// When a subscriber's queue is full: drop-new, drop-old or disconnect [default: drop-new].
+    /// When a subscriber's queue is full: drop-new, drop-old, disconnect, or
+    /// backpressure (pause publishers while a queue is half full) [default: drop-new].
     #[arg(long, value_parser = parse_policy)]
     overflow: Option<OverflowPolicy>,
-    /// With --overflow disconnect: how long a queue may stay full [default: 5s].
+    /// With --overflow disconnect: how long a queue may stay full; with
+    /// backpressure: how long a subscriber may take nothing [default: 5s].
     #[arg(long, value_parser = humantime::parse_duration)]
     disconnect_after: Option<Duration>,
     /// libzmq's per-peer queue in messages, SNDHWM/RCVHWM [default: 1000].
@@ -172,7 +174,7 @@ struct RunArgs {
 
 fn parse_policy(word: &str) -> Result<OverflowPolicy, String> {
     OverflowPolicy::parse(word)
-        .ok_or_else(|| format!("{word:?}: use drop-new, drop-old or disconnect"))
+        .ok_or_else(|| format!("{word:?}: use drop-new, drop-old, disconnect or backpressure"))
 }
 
 /// Replaces `field` with the flag's value when the flag (or its

@@ -62,8 +62,11 @@ pub struct Counters {
     pub expired_subscribers: u64,
     /// Subscribers forgotten because libzmq no longer knew them.
     pub unreachable_subscribers: u64,
-    /// Subscribers cut off by the `disconnect` overflow policy.
+    /// Subscribers cut off by the `disconnect` or `backpressure` overflow
+    /// policy.
     pub slow_disconnects: u64,
+    /// Times the `backpressure` policy stopped reading publishers.
+    pub backpressure_pauses: u64,
 }
 
 /// Counters plus the current gauges.
@@ -82,6 +85,8 @@ pub struct Snapshot {
     pub queued_bytes: u64,
     /// The longest single subscriber queue now, in messages.
     pub max_queue_depth: u64,
+    /// 1 while the `backpressure` policy holds publishers back, else 0.
+    pub publishers_paused: u64,
     /// Connection-level figures the event loop adds (zero in the bare core).
     pub connections: Connections,
 }
@@ -115,7 +120,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     type Labels = Vec<(&'static str, &'static str)>;
     let mut registry = Registry::with_prefix("zbroker");
     let c = &snapshot.counters;
-    let counters: [(&str, &str, u64); 8] = [
+    let counters: [(&str, &str, u64); 9] = [
         (
             "messages_published",
             "Valid messages received from publishers",
@@ -147,6 +152,11 @@ pub fn render(snapshot: &Snapshot) -> String {
             c.delivered_bytes,
         ),
         ("commands", "Subscriber commands accepted", c.commands),
+        (
+            "backpressure_pauses",
+            "Times the backpressure policy stopped reading publishers",
+            c.backpressure_pauses,
+        ),
         (
             "handshake_failures",
             "Failed handshakes (wrong mechanism, bad or unlisted key)",
@@ -226,7 +236,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     auth.inc_by(snapshot.connections.auth_denied);
     registry.register("auth_denied", "CURVE keys the ZAP handler refused", auth);
 
-    let gauges: [(&str, &str, u64); 7] = [
+    let gauges: [(&str, &str, u64); 8] = [
         ("subscribers", "Subscribers tracked", snapshot.subscribers),
         (
             "subscriptions",
@@ -247,6 +257,11 @@ pub fn render(snapshot: &Snapshot) -> String {
             "max_queue_depth",
             "Longest single subscriber queue, in messages",
             snapshot.max_queue_depth,
+        ),
+        (
+            "publishers_paused",
+            "1 while the backpressure policy stops reading publishers",
+            snapshot.publishers_paused,
         ),
         (
             "publisher_connections",

@@ -576,7 +576,10 @@ impl Server {
             if self.stopper.requested.load(Ordering::Acquire) {
                 break;
             }
-            let timeout = if busy || has_input(&self.pull)? || has_input(&self.router)? {
+            // Publishers held back by the backpressure policy wait in
+            // libzmq's queues; their input must not keep the loop spinning.
+            let publishers_ready = !self.core.publishers_paused() && has_input(&self.pull)?;
+            let timeout = if busy || publishers_ready || has_input(&self.router)? {
                 Duration::ZERO
             } else if backlogged {
                 // No per-peer writability event exists for ROUTER; retry soon.
@@ -637,7 +640,7 @@ impl Server {
     /// subscriber (see [`Broker::route_publish`]).
     fn read_publishers(&mut self, now: Instant) -> Result<usize, ServerError> {
         let mut read = 0;
-        while read < BATCH {
+        while read < BATCH && !self.core.publishers_paused() {
             match self.publish_frames[0].recv(&mut self.pull, zmq::DONTWAIT) {
                 Ok(()) => {}
                 Err(zmq::Error::EAGAIN) => break,

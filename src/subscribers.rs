@@ -68,6 +68,9 @@ pub struct Subscriber<P> {
     pub full_since: Option<Instant>,
     /// Listed in the broker's backlog (of subscribers with queued items).
     pub in_backlog: bool,
+    /// Its queue is past the backpressure mark (half its bounds), which
+    /// holds publishers back.
+    pub over_mark: bool,
     /// Routed messages it lost to a full queue.
     pub dropped: u64,
     /// Replies among `queue`.
@@ -92,6 +95,7 @@ impl<P> Subscriber<P> {
             queued_bytes: 0,
             full_since: None,
             in_backlog: false,
+            over_mark: false,
             dropped: 0,
             queued_replies: 0,
             command_tokens: f64::MAX,

@@ -41,9 +41,15 @@
 //! - the broker forgets a subscriber only after the transport said it is
 //!   unreachable (and then no later than the next `flush`), or in a `tick`
 //!   at least `sub_timeout` after its last command; it cuts one off only
-//!   under the `disconnect` policy and only after its queue has been
-//!   non-empty for at least `disconnect_after` (the queue cannot have
-//!   "stayed full" for longer than it has been non-empty);
+//!   under the `disconnect` and `backpressure` policies and only after its
+//!   queue has been non-empty for at least `disconnect_after` (the queue
+//!   cannot have "stayed full", or held publishers back, for longer than it
+//!   has been non-empty);
+//! - `publishers_paused` is true exactly under the `backpressure` policy
+//!   while a subscriber's queued and staged messages reach half of
+//!   `max_messages`, its queued bytes half of `max_bytes`, or all queued
+//!   bytes half of `max_total_bytes` (the publisher ops ignore it, so the
+//!   bounds are hit under this policy too);
 //! - the token bucket refuses a message from a tracked peer, well-formed or
 //!   not (`[ERR, limit, …]`, counted as `refused_rate`), exactly when an
 //!   exact-arithmetic model of
@@ -643,7 +649,7 @@ impl Session {
             }
             let queue = &self.config.queue;
             assert!(
-                queue.policy == OverflowPolicy::Disconnect && due,
+                cuts_off(queue.policy) && due,
                 "tick changed peer {i}'s filters or queue without a cut-off"
             );
             let p = &mut self.peers[i];
@@ -815,6 +821,9 @@ impl Session {
         let queue = &self.config.queue;
         let limits = &self.config.limits;
         let (mut subscribers, mut pairs, mut messages, mut bytes, mut depth) = (0, 0, 0, 0, 0);
+        // Past the backpressure mark: a queue (with what is staged for it)
+        // at half its bounds, or all queues at half of theirs.
+        let mut over_mark = false;
         for (i, p) in self.peers.iter_mut().enumerate() {
             let Some(sub) = self.broker.subscriber(PEERS[i]) else {
                 continue;
@@ -863,7 +872,18 @@ impl Session {
             } else if p.backlogged_since.is_none() {
                 p.backlogged_since = Some(self.now);
             }
+            let half = |bound: usize| bound.div_ceil(2).max(1);
+            over_mark |= own_messages + sub.staged.len() >= half(queue.max_messages)
+                || sub.queued_bytes >= half(queue.max_bytes);
         }
+        let backpressure = queue.policy == OverflowPolicy::Backpressure;
+        over_mark |= bytes >= queue.max_total_bytes.div_ceil(2).max(1);
+        assert_eq!(
+            self.broker.publishers_paused(),
+            backpressure && over_mark,
+            "publishers paused (policy {:?})",
+            queue.policy
+        );
 
         let staged = self.broker.staged_deliveries();
         assert!(
@@ -919,7 +939,7 @@ impl Session {
             t.forgotten,
             "subscribers forgotten"
         );
-        if queue.policy != OverflowPolicy::Disconnect {
+        if !cuts_off(queue.policy) {
             assert_eq!(c.slow_disconnects, 0);
         }
         assert!(
@@ -967,6 +987,14 @@ impl Session {
     }
 }
 
+/// Policies under which `tick` may cut a subscriber off.
+fn cuts_off(policy: OverflowPolicy) -> bool {
+    matches!(
+        policy,
+        OverflowPolicy::Disconnect | OverflowPolicy::Backpressure
+    )
+}
+
 fn config(input: &mut Input) -> Config {
     let mut config = Config::default();
     let q = &mut config.queue;
@@ -974,7 +1002,8 @@ fn config(input: &mut Input) -> Config {
         OverflowPolicy::DropNew,
         OverflowPolicy::DropOld,
         OverflowPolicy::Disconnect,
-    ][input.byte() as usize % 3];
+        OverflowPolicy::Backpressure,
+    ][input.byte() as usize % 4];
     q.max_messages = input.byte() as usize % 5;
     q.max_bytes = input.byte() as usize;
     q.max_total_bytes = input.byte() as usize * 4;
