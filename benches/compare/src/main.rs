@@ -8,6 +8,10 @@
 //! compare proxy FRONT BACK               (libzmq XSUB/XPUB proxy process)
 //! compare scale-subs ENDPOINT FIRST COUNT PER   (scale-test subscribers)
 //! ```
+//!
+//! Systems (`--systems`, default all): zbroker, zbroker-bp (the same binary
+//! and clients, broker run with `--overflow backpressure`), direct, proxy,
+//! redis, nats, mosquitto. The scale test runs zbroker only.
 
 mod async_clients;
 mod bench;
@@ -26,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use report::{Meta, Results};
 
-pub const SYSTEMS: [&str; 6] = ["zbroker", "direct", "proxy", "redis", "nats", "mosquitto"];
+/// Every system, in the order of the report's columns.
+pub const SYSTEMS: [&str; 7] = ["zbroker", "zbroker-bp", "direct", "proxy", "redis", "nats", "mosquitto"];
 
 struct Args {
     words: Vec<String>,
@@ -110,7 +115,7 @@ fn run(mut args: Args) -> Result<(), String> {
         .value("--zbroker")?
         .map(PathBuf::from)
         .ok_or("--zbroker PATH is required")?;
-    let systems: Vec<String> = match args.value("--systems")? {
+    let mut systems: Vec<String> = match args.value("--systems")? {
         Some(s) => s.split(',').map(str::to_string).collect(),
         None => SYSTEMS.iter().map(|s| s.to_string()).collect(),
     };
@@ -119,6 +124,10 @@ fn run(mut args: Args) -> Result<(), String> {
             return Err(format!("unknown system {s}; known: {}", SYSTEMS.join(",")));
         }
     }
+    // SYSTEMS' order, whatever the command line's: the report's columns
+    // (zbroker-bp right after zbroker) and colours stay the same.
+    systems.sort_by_key(|s| SYSTEMS.iter().position(|k| k == s));
+    systems.dedup();
     let default_workloads: Vec<String> = if quick {
         vec!["1to1-64", "fanout-10", "selective-1000"]
             .into_iter()

@@ -45,6 +45,7 @@ pub struct Results {
 pub fn display_name(system: &str) -> &str {
     match system {
         "zbroker" => "zbroker",
+        "zbroker-bp" => "zbroker (backpressure)",
         "direct" => "direct libzmq",
         "proxy" => "libzmq proxy",
         "redis" => "Redis",
@@ -144,8 +145,8 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(o, "- libzmq {}, {}", m.libzmq, m.rustc);
     for (s, v) in &m.versions {
-        if s == "zbroker" {
-            let _ = writeln!(o, "- zbroker: {v}, commit {}", m.zbroker_rev);
+        if crate::servers::is_zbroker(s) {
+            let _ = writeln!(o, "- {}: {v}, commit {}", display_name(s), m.zbroker_rev);
         } else {
             let _ = writeln!(o, "- {}: {}", display_name(s), v);
         }
@@ -168,8 +169,8 @@ pub fn markdown(r: &Results) -> String {
         &mut o,
         "Flat out: delivered messages/s per subscriber, and what was lost",
         "The first run of every pair, with the publisher not paced. Shows raw forwarding \
-         capacity even where it came with loss (PUB sockets, zbroker's queues and the \
-         brokers' buffers drop rather than push back). Ratio to zbroker's delivered rate.",
+         capacity even where it came with loss (PUB sockets, zbroker's queues under its \
+         default `drop-new` overflow and the brokers' buffers drop rather than push back). Ratio to zbroker's delivered rate.",
         &|p| match p.probe.as_ref() {
             Some(x) => {
                 let lost = if x.lossy {
@@ -370,9 +371,17 @@ pub fn markdown(r: &Results) -> String {
                     )
                 })
                 .unwrap_or_default();
-            let err = p.error.as_ref().map(|e| format!(" error: {e}")).unwrap_or_default();
+            // One table row: a setup error carries the server's log tail.
+            let err = p
+                .error
+                .as_ref()
+                .map(|e| {
+                    let e = e.split_whitespace().collect::<Vec<_>>().join(" ");
+                    format!(" error: {}", e.replace('|', "\\|"))
+                })
+                .unwrap_or_default();
             let command = if p.server_command.is_empty() {
-                "— (no broker)".to_string()
+                if p.system == "direct" { "— (no broker)" } else { "—" }.to_string()
             } else {
                 format!("`{}`", p.server_command)
             };
@@ -429,21 +438,22 @@ fn axis_label(v: f64) -> String {
     }
 }
 
-const COLORS: [RGBColor; 6] = [
-    RGBColor(0xd6, 0x27, 0x28), // zbroker: red
-    RGBColor(0x7f, 0x7f, 0x7f), // direct: grey
-    RGBColor(0x1f, 0x77, 0xb4), // proxy: blue
-    RGBColor(0xff, 0x7f, 0x0e), // redis: orange
-    RGBColor(0x2c, 0xa0, 0x2c), // nats: green
-    RGBColor(0x94, 0x67, 0xbd), // mosquitto: purple
+const COLORS: [(&str, RGBColor); 7] = [
+    ("zbroker", RGBColor(0xd6, 0x27, 0x28)),    // red
+    ("zbroker-bp", RGBColor(0xff, 0x98, 0x96)), // light red
+    ("direct", RGBColor(0x7f, 0x7f, 0x7f)),     // grey
+    ("proxy", RGBColor(0x1f, 0x77, 0xb4)),      // blue
+    ("redis", RGBColor(0xff, 0x7f, 0x0e)),      // orange
+    ("nats", RGBColor(0x2c, 0xa0, 0x2c)),       // green
+    ("mosquitto", RGBColor(0x94, 0x67, 0xbd)),  // purple
 ];
 
 fn color_of(system: &str) -> RGBColor {
-    let i = ["zbroker", "direct", "proxy", "redis", "nats", "mosquitto"]
+    let i = COLORS
         .iter()
-        .position(|s| *s == system)
-        .unwrap_or(5);
-    COLORS[i]
+        .position(|(s, _)| *s == system)
+        .unwrap_or(COLORS.len() - 1);
+    COLORS[i].1
 }
 
 fn register_fonts() -> Result<(), String> {

@@ -407,7 +407,7 @@ fn run_variant(env: &Env, settings: &Settings, v: &mut ScaleVariant) -> Result<(
         }
         None => None,
     };
-    let mut server = servers::zbroker_with(env, config_path.as_deref())?;
+    let mut server = servers::zbroker_with(env, "zbroker", config_path.as_deref())?;
     v.server_command = server.command.clone();
     std::thread::sleep(Duration::from_millis(200));
     v.rss_empty_kb = server.rss_kb();

@@ -129,8 +129,6 @@ fn spawn(
     Ok(server)
 }
 
-/// zbroker with its defaults except the endpoints, a 600 s subscriber
-/// timeout (the load generator does not PING) and warnings-only logs.
 /// Makes the child get SIGTERM if the harness dies first.
 pub fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
@@ -143,12 +141,28 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-pub fn zbroker(env: &Env) -> Result<Server, String> {
-    zbroker_with(env, None)
+/// The `run` arguments a system that is the zbroker binary adds to the
+/// common ones below; None for the other systems. All of these speak
+/// protocol v1 and use the same clients.
+pub fn zbroker_args(system: &str) -> Option<&'static [&'static str]> {
+    match system {
+        "zbroker" => Some(&[]),
+        "zbroker-bp" => Some(&["--overflow", "backpressure"]),
+        _ => None,
+    }
 }
 
-/// The same, with a `--config` file.
-pub fn zbroker_with(env: &Env, config: Option<&Path>) -> Result<Server, String> {
+/// Whether `system` is the zbroker binary (in any configuration).
+pub fn is_zbroker(system: &str) -> bool {
+    zbroker_args(system).is_some()
+}
+
+/// zbroker as `system` (see [`zbroker_args`]): its defaults except the
+/// endpoints, a 600 s subscriber timeout (the load generator does not PING)
+/// and warnings-only logs, optionally with a `--config` file; its log is
+/// `<work>/<system>.log`.
+pub fn zbroker_with(env: &Env, system: &str, config: Option<&Path>) -> Result<Server, String> {
+    let system_args = zbroker_args(system).ok_or_else(|| format!("{system} is not zbroker"))?;
     let (p1, p2) = (free_port(), free_port());
     let mut cmd = Command::new(&env.zbroker);
     if let Some(wrap) = std::env::var("COMPARE_WRAP_ZBROKER").ok().filter(|w| !w.is_empty()) {
@@ -163,6 +177,7 @@ pub fn zbroker_with(env: &Env, config: Option<&Path>) -> Result<Server, String> 
     if let Ok(extra) = std::env::var("COMPARE_ZBROKER_ARGS") {
         cmd.args(extra.split_whitespace());
     }
+    cmd.args(system_args);
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
@@ -172,7 +187,7 @@ pub fn zbroker_with(env: &Env, config: Option<&Path>) -> Result<Server, String> 
         .arg("--sub-bind")
         .arg(format!("tcp://127.0.0.1:{p2}"))
         .args(["--sub-timeout", "600s"]);
-    spawn("zbroker", cmd, vec![p1, p2], &[p1, p2], env)
+    spawn(system, cmd, vec![p1, p2], &[p1, p2], env)
 }
 
 /// libzmq's XSUB/XPUB proxy, in this harness's `proxy` sub-mode.
@@ -242,8 +257,10 @@ pub fn mosquitto(env: &Env) -> Result<Server, String> {
 }
 
 pub fn start(system: &str, env: &Env) -> Result<Server, String> {
+    if is_zbroker(system) {
+        return zbroker_with(env, system, None);
+    }
     match system {
-        "zbroker" => zbroker(env),
         "proxy" => proxy(env),
         "redis" => redis(env),
         "nats" => nats(env),
@@ -269,7 +286,7 @@ pub fn version_of(system: &str, env: &Env) -> String {
     };
     let (maj, min, pat) = zmq::version();
     match system {
-        "zbroker" => format!("{} (libzmq {maj}.{min}.{pat})", run(&env.zbroker, &["--version"])),
+        s if is_zbroker(s) => format!("{} (libzmq {maj}.{min}.{pat})", run(&env.zbroker, &["--version"])),
         "direct" | "proxy" => format!("libzmq {maj}.{min}.{pat}"),
         "redis" => run(Path::new("redis-server"), &["--version"]),
         "nats" => run(Path::new("nats-server"), &["--version"]),

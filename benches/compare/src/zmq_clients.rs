@@ -1,5 +1,5 @@
-//! ZeroMQ clients: zbroker (PUSH publishers, DEALER subscribers speaking
-//! protocol v1), the brokerless ceiling (PUSH→PULL, or PUB→SUB for fan-out)
+//! ZeroMQ clients: zbroker in every configuration (PUSH publishers, DEALER
+//! subscribers speaking protocol v1), the brokerless ceiling (PUSH→PULL, or PUB→SUB for fan-out)
 //! and libzmq's XSUB/XPUB proxy (PUB publishers, SUB subscribers).
 //!
 //! Subscribers are spread over two threads, each polling its share of the
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use crate::servers::Server;
+use crate::servers::{Server, is_zbroker};
 use crate::session::{PubSink, Subs};
 use crate::shared::Shared;
 use crate::util::{Ctx, free_port, now_ns};
@@ -54,8 +54,13 @@ fn zerr(what: &str) -> impl Fn(zmq::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
-/// Opens publishers and subscribers for `system` ("zbroker", "direct" or
-/// "proxy"); returns once every subscription is confirmed (zbroker) or
+/// Whether `system` is one of the ZeroMQ systems [`open`] handles.
+pub fn handles(system: &str) -> bool {
+    is_zbroker(system) || matches!(system, "direct" | "proxy")
+}
+
+/// Opens publishers and subscribers for `system` (a zbroker configuration,
+/// "direct" or "proxy"); returns once every subscription is confirmed (zbroker) or
 /// requested (the others; the warm-up then proves them).
 pub fn open(
     system: &str,
@@ -67,10 +72,11 @@ pub fn open(
     let sub_ctx = Arc::new(Ctx::new(1, 65536));
     let mut pubs: Vec<Box<dyn PubSink>> = Vec::new();
     let mut direct_endpoints = Vec::new();
+    let zbroker = is_zbroker(system);
     for p in 0..wl.pubs {
         let topics = wl.warm_topics(p).into_iter().map(String::into_bytes).collect();
         let sock = match system {
-            "zbroker" => {
+            _ if zbroker => {
                 let s = pub_ctx.socket(zmq::PUSH);
                 s.connect(&format!("tcp://127.0.0.1:{}", server.ports[0]))
                     .map_err(zerr("connect PUSH"))?;
@@ -108,7 +114,7 @@ pub fn open(
     for s in 0..wl.subs {
         let topics = wl.sub_topics(s);
         let sock = match system {
-            "zbroker" => {
+            _ if zbroker => {
                 let d = sub_ctx.socket(zmq::DEALER);
                 d.set_rcvhwm(CLIENT_HWM).map_err(zerr("set RCVHWM"))?;
                 d.connect(&format!("tcp://127.0.0.1:{}", server.ports[1]))
@@ -152,7 +158,7 @@ pub fn open(
         };
         socks.push((s, sock));
     }
-    let proto = if system == "zbroker" {
+    let proto = if zbroker {
         wait_oks(wl, &socks, Duration::from_secs(60))?;
         Proto::Zbroker
     } else {
