@@ -499,6 +499,7 @@ impl<P: Payload> Broker<P> {
         let topic_start = staged.topic_bytes.len();
         staged.topic_bytes.extend_from_slice(topic_bytes);
         let topic_at = topic_start..staged.topic_bytes.len();
+        let backpressure = self.config.queue.policy == OverflowPolicy::Backpressure;
         for &id in &self.matched {
             let Some(sub) = self.subs.get_mut(id) else {
                 debug_assert!(false, "routing index names a removed subscriber");
@@ -511,7 +512,9 @@ impl<P: Payload> Broker<P> {
             sub.staged.push(message);
             // Staged deliveries reach the queue only when the batch is
             // sent, so the mark counts them too.
-            if sub.staged.len() + sub.queue.len() - sub.queued_replies >= self.queues.mark.messages
+            if backpressure
+                && sub.staged.len() + sub.queue.len() - sub.queued_replies
+                    >= self.queues.mark.messages
             {
                 staged.over_mark = true;
             }
