@@ -80,7 +80,10 @@ fn a_stalled_subscriber_holds_the_publisher_back_and_loses_nothing() {
 }
 
 fn run_stall(transport: Transport) {
-    let broker = TestBroker::start(transport, config(Duration::from_secs(60)));
+    let mut config = config(Duration::from_secs(60));
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    config.metrics_bind = Some(metrics.clone());
+    let broker = TestBroker::start(transport, config);
     let ctx = zmq::Context::new();
     let sub = stalling_subscriber(&ctx, &broker.sub_endpoint);
     let (done, publishing) = channel();
@@ -90,6 +93,17 @@ fn run_stall(transport: Transport) {
     broker.wait_for(Duration::from_secs(30), "publishers paused", |s| {
         s.publishers_paused == 1
     });
+    // Operators see it too.
+    let text = zbroker::metrics::fetch(&metrics).unwrap();
+    assert_eq!(
+        common::metric(&text, "zbroker_publishers_paused"),
+        1,
+        "{text}"
+    );
+    assert!(
+        common::metric(&text, "zbroker_backpressure_pauses_total") >= 1,
+        "{text}"
+    );
     expect_all(&sub, &format!("{transport:?}"));
     done.send(()).unwrap();
     assert_eq!(
