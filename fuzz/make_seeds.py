@@ -217,7 +217,7 @@ def routing_model() -> None:
 
 
 # broker_session: eight config bytes, then operations (see `run`).
-DROP_NEW, DROP_OLD, DISCONNECT = 0, 1, 2
+DROP_NEW, DROP_OLD, DISCONNECT, BACKPRESSURE = 0, 1, 2, 3
 
 
 RATES = [1, 2, 5, 20, 100, 1000, 5000, 2**32 - 1]
@@ -280,7 +280,8 @@ def broker_session() -> None:
         + s_pub(4, a, dot, b),
     )
     for name, policy in (("full_drop_new", DROP_NEW), ("full_drop_old", DROP_OLD),
-                         ("full_disconnect", DISCONNECT)):
+                         ("full_disconnect", DISCONNECT),
+                         ("full_backpressure", BACKPRESSURE)):
         write(
             t,
             name,
