@@ -182,6 +182,7 @@ impl Transport<Rc<[u8]>> for NullTransport {
         seq: u64,
         topic: &[u8],
         payload: &mut Rc<[u8]>,
+        _: bool,
     ) -> SendOutcome {
         black_box((routing_id, seq, topic, &*payload));
         SendOutcome::Sent

@@ -17,7 +17,7 @@
 //! #[derive(Default)]
 //! struct Log(Vec<(Vec<u8>, u64)>);
 //! impl Transport<Rc<[u8]>> for Log {
-//!     fn deliver(&mut self, to: &[u8], seq: u64, _: &[u8], _: &mut Rc<[u8]>) -> SendOutcome {
+//!     fn deliver(&mut self, to: &[u8], seq: u64, _: &[u8], _: &mut Rc<[u8]>, _: bool) -> SendOutcome {
 //!         self.0.push((to.to_vec(), seq));
 //!         SendOutcome::Sent
 //!     }
@@ -56,6 +56,12 @@ pub trait Payload: Sized {
     fn bytes(&self) -> &[u8];
     /// Another handle on the same bytes.
     fn share(&mut self) -> Self;
+    /// The part itself, moved out; `self` is left empty (or, where moving
+    /// costs more than sharing, still holding the bytes) and is not read
+    /// again until it is refilled.
+    fn take(&mut self) -> Self {
+        self.share()
+    }
 }
 
 impl Payload for Frame {
@@ -64,6 +70,9 @@ impl Payload for Frame {
     }
     fn share(&mut self) -> Self {
         Frame::share(self)
+    }
+    fn take(&mut self) -> Self {
+        Frame::take(self)
     }
 }
 
@@ -99,13 +108,17 @@ pub enum SendOutcome {
 /// Where the core's output goes. Implementations must never block.
 pub trait Transport<P> {
     /// Sends the two-part delivery `[MSG|seq|topic, payload]` to the
-    /// subscriber with `routing_id`.
+    /// subscriber with `routing_id`. It sends a [`Payload::share`] of
+    /// `payload`, or, when `last_use` says no later delivery needs it,
+    /// may send `payload` itself ([`Payload::take`]); on
+    /// [`SendOutcome::WouldBlock`] it must leave `payload` as it was.
     fn deliver(
         &mut self,
         routing_id: &[u8],
         seq: u64,
         topic: &[u8],
         payload: &mut P,
+        last_use: bool,
     ) -> SendOutcome;
     /// Sends a reply, one frame per slice, to `routing_id`.
     fn reply(&mut self, routing_id: &[u8], frames: &[&[u8]]) -> SendOutcome;
@@ -205,7 +218,12 @@ impl Queues {
 
     /// Accounts for `item` leaving `sub`'s queue (sent or dropped).
     fn took<P: Payload>(&mut self, sub: &mut Subscriber<P>, item: &Queued<P>) {
-        let size = queued_size(item);
+        self.took_sized(sub, item, queued_size(item));
+    }
+
+    /// [`took`](Self::took) for an item whose parts a send may have taken:
+    /// `size` is its [`queued_size`] from before the send.
+    fn took_sized<P>(&mut self, sub: &mut Subscriber<P>, item: &Queued<P>, size: usize) {
         self.bytes -= size;
         sub.queued_bytes -= size;
         match item {
@@ -319,6 +337,9 @@ struct Staged<P> {
 struct StagedMessage<P> {
     topic: P,
     payload: P,
+    /// Deliveries still to send or queue: the last one takes the parts
+    /// rather than sharing them.
+    uses: u32,
     payload_len: u64,
     /// Where the topic is in `Staged::topic_bytes`.
     topic_at: std::ops::Range<usize>,
@@ -424,7 +445,8 @@ impl<P: Payload> Broker<P> {
 
     /// Routes one publisher message and sends it to every subscriber whose
     /// filters match. `frames` holds the first frames received (at most 2
-    /// are looked at), `frame_count` how many the message had, and `key` the
+    /// are looked at; a message routed to anyone has them taken with
+    /// [`Payload::take`]), `frame_count` how many the message had, and `key` the
     /// publisher's authenticated CURVE key (Z85), if any. Returns how many
     /// subscribers it was routed to, or why it was dropped.
     pub fn on_publish(
@@ -519,9 +541,13 @@ impl<P: Payload> Broker<P> {
                 staged.over_mark = true;
             }
         }
+        // Moved, not shared: the caller's frames are only refilled, and a
+        // share would cost two more reference counts (content and the
+        // connection's metadata) taken here and dropped at the next receive.
         staged.messages.push(StagedMessage {
-            topic: topic.share(),
-            payload: payload.share(),
+            topic: topic.take(),
+            payload: payload.take(),
+            uses: u32::try_from(self.matched.len()).unwrap_or(u32::MAX),
             payload_len,
             topic_at,
         });
@@ -560,8 +586,10 @@ impl<P: Payload> Broker<P> {
                     let message = &mut staged.messages[message as usize];
                     let topic = &staged.topic_bytes[message.topic_at.clone()];
                     let seq = first_seq + done as u64;
-                    match out.deliver(&sub.routing_id, seq, topic, &mut message.payload) {
+                    let last_use = message.uses == 1;
+                    match out.deliver(&sub.routing_id, seq, topic, &mut message.payload, last_use) {
                         SendOutcome::Sent => {
+                            message.uses -= 1;
                             self.counters.delivered += 1;
                             self.counters.delivered_bytes += message.payload_len;
                             done += 1;
@@ -578,10 +606,16 @@ impl<P: Payload> Broker<P> {
             }
             for (i, &message) in list.iter().enumerate().skip(done) {
                 let message = &mut staged.messages[message as usize];
+                message.uses -= 1;
+                let (topic, payload) = if message.uses == 0 {
+                    (message.topic.take(), message.payload.take())
+                } else {
+                    (message.topic.share(), message.payload.share())
+                };
                 let item = Queued::Message {
                     seq: first_seq + i as u64,
-                    topic: message.topic.share(),
-                    payload: message.payload.share(),
+                    topic,
+                    payload,
                 };
                 self.queues.push(
                     &self.config.queue,
@@ -815,12 +849,23 @@ impl<P: Payload> Broker<P> {
             };
             let mut progressed = false;
             while let Some(item) = sub.queue.front_mut() {
+                // Measured first: the send takes a queued message's parts.
+                let size = queued_size(item);
                 let outcome = match item {
                     Queued::Message {
                         seq,
                         topic,
                         payload,
-                    } => out.deliver(&sub.routing_id, *seq, topic.bytes(), payload),
+                    } => {
+                        let payload_len = payload.bytes().len() as u64;
+                        let outcome =
+                            out.deliver(&sub.routing_id, *seq, topic.bytes(), payload, true);
+                        if outcome == SendOutcome::Sent {
+                            self.counters.delivered += 1;
+                            self.counters.delivered_bytes += payload_len;
+                        }
+                        outcome
+                    }
                     Queued::Reply(reply) => send_reply(out, &sub.routing_id, reply),
                 };
                 match outcome {
@@ -828,15 +873,19 @@ impl<P: Payload> Broker<P> {
                         let Some(item) = sub.queue.pop_front() else {
                             break;
                         };
-                        if let Queued::Message { payload, .. } = &item {
-                            self.counters.delivered += 1;
-                            self.counters.delivered_bytes += payload.bytes().len() as u64;
-                        }
-                        self.queues.took(sub, &item);
+                        self.queues.took_sized(sub, &item, size);
                         progressed = true;
                     }
                     SendOutcome::WouldBlock => break,
                     SendOutcome::Unreachable => {
+                        // The failed send may have taken the item's parts:
+                        // account for it here, at its size from before.
+                        if let Some(item) = sub.queue.pop_front() {
+                            self.queues.took_sized(sub, &item, size);
+                            if matches!(item, Queued::Message { .. }) {
+                                self.counters.dropped_subscriber_gone += 1;
+                            }
+                        }
                         self.gone.push(id);
                         break;
                     }
@@ -1116,7 +1165,14 @@ mod tests {
     }
 
     impl Transport<Bytes> for Recorder {
-        fn deliver(&mut self, to: &[u8], seq: u64, topic: &[u8], _: &mut Bytes) -> SendOutcome {
+        fn deliver(
+            &mut self,
+            to: &[u8],
+            seq: u64,
+            topic: &[u8],
+            _: &mut Bytes,
+            _: bool,
+        ) -> SendOutcome {
             let outcome = self.outcome(to);
             if outcome == SendOutcome::Sent {
                 self.delivered.push((to.to_vec(), seq, topic.to_vec()));

@@ -98,6 +98,16 @@ impl Frame {
         copy
     }
 
+    /// Moves the part into a new frame, leaving this one empty; no
+    /// reference count is touched.
+    pub fn take(&mut self) -> Frame {
+        let mut moved = Frame::new();
+        // SAFETY: both are initialised messages; zmq_msg_move closes
+        // `moved`'s empty content and leaves `self` empty.
+        unsafe { zmq_sys::zmq_msg_move(&mut moved.msg, &mut self.msg) };
+        moved
+    }
+
     /// Whether more parts of the same message follow this received part.
     pub fn more(&self) -> bool {
         // SAFETY: reads a flag of a valid message.

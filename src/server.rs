@@ -180,14 +180,22 @@ impl Transport<Frame> for RouterTransport<'_> {
         seq: u64,
         topic: &[u8],
         payload: &mut Frame,
+        last_use: bool,
     ) -> SendOutcome {
         match self.address(routing_id) {
             SendOutcome::Sent => {}
             other => return other,
         }
+        // A moved part costs no reference counting; a share costs two
+        // (content and connection metadata), each undone by the I/O thread.
+        let payload = if last_use {
+            payload.take()
+        } else {
+            payload.share()
+        };
         let sent = Frame::header(seq, topic)
             .send(self.socket, zmq::SNDMORE | zmq::DONTWAIT)
-            .and_then(|()| payload.share().send(self.socket, zmq::DONTWAIT));
+            .and_then(|()| payload.send(self.socket, zmq::DONTWAIT));
         match sent {
             Ok(()) => SendOutcome::Sent,
             Err(_) => SendOutcome::Unreachable,

@@ -87,13 +87,40 @@ use std::time::{Duration, Instant};
 
 use common::{Input, PIECES};
 use libfuzzer_sys::fuzz_target;
-use zbroker::broker::{Broker, SendOutcome, Transport};
+use zbroker::broker::{Broker, Payload, SendOutcome, Transport};
 use zbroker::config::{Config, OverflowPolicy};
 use zbroker::filter::{Filter, FilterKind};
 use zbroker::protocol::{self, Command, ErrorCode, PublishError};
 use zbroker::subscribers::{Queued, Reply, Subscriber};
 
-type Bytes = Rc<[u8]>;
+/// A message part whose `take` really empties it, as a `Frame`'s does, so
+/// a part read after the core gave it away shows as a wrong delivery or a
+/// wrong byte count.
+#[derive(Debug)]
+struct Bytes(Rc<[u8]>);
+
+thread_local! {
+    static EMPTY: Rc<[u8]> = Rc::from(&[][..]);
+}
+
+impl Payload for Bytes {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn share(&mut self) -> Self {
+        Bytes(Rc::clone(&self.0))
+    }
+    fn take(&mut self) -> Self {
+        Bytes(std::mem::replace(&mut self.0, EMPTY.with(Rc::clone)))
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// Routing ids as libzmq generates them start with a zero byte.
 const PEERS: [&[u8]; 5] = [b"\0A", b"\0B", b"\0C", b"\0D", b"\0E"];
@@ -184,14 +211,28 @@ impl Wire {
 }
 
 impl Transport<Bytes> for Wire {
-    fn deliver(&mut self, to: &[u8], seq: u64, topic: &[u8], payload: &mut Bytes) -> SendOutcome {
+    fn deliver(
+        &mut self,
+        to: &[u8],
+        seq: u64,
+        topic: &[u8],
+        payload: &mut Bytes,
+        last_use: bool,
+    ) -> SendOutcome {
         let peer = peer_of(to);
         let outcome = self.outcome(peer);
+        // As the real transport: a last use is sent by moving the part, a
+        // refused send leaves it where it was.
+        let sent = if last_use && outcome != SendOutcome::WouldBlock {
+            payload.take()
+        } else {
+            payload.share()
+        };
         self.events.push(Event::Deliver {
             peer,
             seq,
             topic: topic.to_vec(),
-            payload: payload.to_vec(),
+            payload: sent.to_vec(),
             outcome,
         });
         outcome
@@ -570,7 +611,7 @@ impl Session {
             .iter()
             .map(|rid| self.broker.subscriber(rid).map(queued_replies))
             .collect();
-        let mut parts: Vec<Bytes> = frames.iter().map(|f| Rc::from(&f[..])).collect();
+        let mut parts: Vec<Bytes> = frames.iter().map(|f| Bytes(Rc::from(&f[..]))).collect();
         let now = self.instant();
         let got = if staged {
             self.broker

@@ -40,7 +40,14 @@ struct Recorder {
 }
 
 impl Transport<Bytes> for Recorder {
-    fn deliver(&mut self, to: &[u8], seq: u64, topic: &[u8], payload: &mut Bytes) -> SendOutcome {
+    fn deliver(
+        &mut self,
+        to: &[u8],
+        seq: u64,
+        topic: &[u8],
+        payload: &mut Bytes,
+        _: bool,
+    ) -> SendOutcome {
         self.deliveries
             .push((to.to_vec(), seq, topic.to_vec(), payload.to_vec()));
         SendOutcome::Sent

@@ -50,7 +50,7 @@ struct Recorder {
 }
 
 impl Transport<Bytes> for Recorder {
-    fn deliver(&mut self, _: &[u8], _: u64, _: &[u8], _: &mut Bytes) -> SendOutcome {
+    fn deliver(&mut self, _: &[u8], _: u64, _: &[u8], _: &mut Bytes, _: bool) -> SendOutcome {
         self.deliveries += 1;
         SendOutcome::Sent
     }
