@@ -408,6 +408,11 @@ struct Session {
     tally: Tally,
     /// `route_publish` left deliveries staged.
     staged: bool,
+    /// When the last of them was staged: the broker dates the queueing of
+    /// staged deliveries then, not when they are sent.
+    staged_at: Duration,
+    /// While sending staged deliveries: that date, for queues they start.
+    dating: Option<Duration>,
 }
 
 impl Session {
@@ -427,6 +432,8 @@ impl Session {
             one_shot: Vec::new(),
             tally: Tally::default(),
             staged: false,
+            staged_at: Duration::ZERO,
+            dating: None,
         }
     }
 
@@ -441,8 +448,10 @@ impl Session {
     fn send_staged(&mut self) {
         if std::mem::take(&mut self.staged) {
             self.broker.send_routed(&mut self.wire);
+            self.dating = Some(self.staged_at);
             self.absorb(&Call::Publish);
             self.check();
+            self.dating = None;
         }
     }
 
@@ -622,6 +631,9 @@ impl Session {
         };
         assert_eq!(got, want, "publish of {frames:?} ({count} frames)");
         self.staged = self.broker.staged_deliveries() > 0;
+        if staged && matches!(got, Ok(n) if n > 0) {
+            self.staged_at = self.now;
+        }
         assert!(staged || !self.staged, "on_publish left deliveries staged");
         for (i, before) in replies_before.into_iter().enumerate() {
             let after = self.broker.subscriber(PEERS[i]).map(queued_replies);
@@ -911,7 +923,7 @@ impl Session {
             if sub.queue.is_empty() {
                 p.backlogged_since = None;
             } else if p.backlogged_since.is_none() {
-                p.backlogged_since = Some(self.now);
+                p.backlogged_since = Some(self.dating.unwrap_or(self.now));
             }
             let half = |bound: usize| bound.div_ceil(2).max(1);
             over_mark |= own_messages + sub.staged.len() >= half(queue.max_messages)
