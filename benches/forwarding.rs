@@ -59,8 +59,10 @@ struct RouterRig {
     router: zmq::Socket,
     _context: zmq::Context,
     broker: Broker<Frame>,
-    /// `[topic, payload]`, reused: the core only shares them, so one pair
-    /// serves every publish, as the server's receive buffers do.
+    /// `[topic, payload]` as published: each publish hands the core fresh
+    /// shares in `frames`, as each receive hands the server new parts (the
+    /// core takes the parts it routes).
+    message: [Frame; 2],
     frames: [Frame; 2],
     now: Instant,
     /// Seq the next delivery to every peer carries.
@@ -113,17 +115,26 @@ impl RouterRig {
             router,
             _context: context,
             broker,
-            frames: [
+            message: [
                 Frame::from_slice(TOPIC),
                 Frame::from_slice(&[0xab; PAYLOAD_LEN]),
             ],
+            frames: [Frame::new(), Frame::new()],
             now,
             next_seq: 1,
             scratch: zmq::Message::new(),
         }
     }
 
+    /// Fills `frames` with the next message, as a receive would.
+    fn receive(&mut self) {
+        for (frame, part) in self.frames.iter_mut().zip(&mut self.message) {
+            *frame = part.share();
+        }
+    }
+
     fn publish(&mut self) {
+        self.receive();
         let routed = self.broker.on_publish(
             None,
             &mut self.frames,
@@ -138,8 +149,9 @@ impl RouterRig {
 
     /// Routes `count` messages in batches of [`BATCH`], sending after each.
     fn publish_batched(&mut self, count: u64) {
-        let mut transport = RouterTransport::new(&mut self.router);
         for i in 0..count {
+            self.receive();
+            let mut transport = RouterTransport::new(&mut self.router);
             let routed =
                 self.broker
                     .route_publish(None, &mut self.frames, 2, self.now, &mut transport);
@@ -150,7 +162,8 @@ impl RouterRig {
                 self.broker.send_routed(&mut transport);
             }
         }
-        self.broker.send_routed(&mut transport);
+        self.broker
+            .send_routed(&mut RouterTransport::new(&mut self.router));
     }
 
     /// Reads the `count` deliveries each peer got, checking their seqs, so
