@@ -328,8 +328,11 @@ struct Staged<P> {
     deliveries: usize,
     /// When the last message was staged: the time its queueing is dated.
     routed_at: Option<Instant>,
-    /// A subscriber's staged and queued messages together reach the
-    /// backpressure mark.
+    /// Topic and payload bytes of all staged deliveries, under the
+    /// backpressure policy (zero under the others).
+    bytes: usize,
+    /// A subscriber's staged and queued messages or bytes together, or
+    /// all of them, reach the backpressure mark.
     over_mark: bool,
 }
 
@@ -339,7 +342,7 @@ struct StagedMessage<P> {
     payload: P,
     /// Deliveries still to send or queue: the last one takes the parts
     /// rather than sharing them.
-    uses: u32,
+    uses: usize,
     payload_len: u64,
     /// Where the topic is in `Staged::topic_bytes`.
     topic_at: std::ops::Range<usize>,
@@ -353,6 +356,7 @@ impl<P> Default for Staged<P> {
             subscribers: Vec::new(),
             deliveries: 0,
             routed_at: None,
+            bytes: 0,
             over_mark: false,
         }
     }
@@ -522,6 +526,8 @@ impl<P: Payload> Broker<P> {
         staged.topic_bytes.extend_from_slice(topic_bytes);
         let topic_at = topic_start..staged.topic_bytes.len();
         let backpressure = self.config.queue.policy == OverflowPolicy::Backpressure;
+        // What one queued delivery of it counts (see `queued_size`).
+        let size = topic_bytes.len() + payload.bytes().len();
         for &id in &self.matched {
             let Some(sub) = self.subs.get_mut(id) else {
                 debug_assert!(false, "routing index names a removed subscriber");
@@ -533,12 +539,17 @@ impl<P: Payload> Broker<P> {
             }
             sub.staged.push(message);
             // Staged deliveries reach the queue only when the batch is
-            // sent, so the mark counts them too.
-            if backpressure
-                && sub.staged.len() + sub.queue.len() - sub.queued_replies
-                    >= self.queues.mark.messages
-            {
-                staged.over_mark = true;
+            // sent, so the marks count them too.
+            if backpressure {
+                let mark = &self.queues.mark;
+                sub.staged_bytes += size;
+                staged.bytes += size;
+                if sub.staged.len() + sub.queue.len() - sub.queued_replies >= mark.messages
+                    || sub.queued_bytes + sub.staged_bytes >= mark.bytes
+                    || self.queues.bytes + staged.bytes >= mark.total_bytes
+                {
+                    staged.over_mark = true;
+                }
             }
         }
         // Moved, not shared: the caller's frames are only refilled, and a
@@ -547,7 +558,7 @@ impl<P: Payload> Broker<P> {
         staged.messages.push(StagedMessage {
             topic: topic.take(),
             payload: payload.take(),
-            uses: u32::try_from(self.matched.len()).unwrap_or(u32::MAX),
+            uses: self.matched.len(),
             payload_len,
             topic_at,
         });
@@ -631,11 +642,13 @@ impl<P: Payload> Broker<P> {
             // routing does not allocate.
             sub.staged = list;
             sub.staged.clear();
+            sub.staged_bytes = 0;
         }
         staged.subscribers.clear();
         staged.messages.clear();
         staged.topic_bytes.clear();
         staged.deliveries = 0;
+        staged.bytes = 0;
         staged.over_mark = false;
         self.remove_gone();
     }
@@ -891,8 +904,9 @@ impl<P: Payload> Broker<P> {
                     }
                 }
             }
-            // A consumer that took anything is not stuck: the disconnect
-            // policy's clock restarts at its next drop.
+            // A consumer that took anything is not stuck: the clock
+            // restarts at its next drop (`disconnect`) or at the next tick
+            // that finds it holding publishers back (`backpressure`).
             if progressed {
                 sub.full_since = None;
             }
@@ -908,8 +922,8 @@ impl<P: Payload> Broker<P> {
     }
 
     /// Lets time pass: forgets subscribers silent for `sub_timeout` and
-    /// applies the `disconnect` overflow policy. Returns when it next needs
-    /// to be called.
+    /// cuts off slow ones under the `disconnect` and `backpressure` overflow
+    /// policies. Returns when it next needs to be called.
     pub fn tick(&mut self, now: Instant, out: &mut impl Transport<P>) -> Instant {
         self.send_routed(out);
         if now < self.next_sweep {
@@ -940,11 +954,14 @@ impl<P: Payload> Broker<P> {
         }
 
         if self.config.queue.policy == OverflowPolicy::Backpressure {
-            // A subscriber holding publishers back starts the clock here;
-            // taking anything (in `flush`) stops it.
+            // A subscriber holding publishers back starts the clock here:
+            // one past its own mark, or, while all queues together are past
+            // theirs, any with messages queued. Taking anything (in
+            // `flush`) stops it.
+            let all_over = self.queues.bytes >= self.queues.mark.total_bytes;
             for &id in &self.queues.backlog {
                 if let Some(sub) = self.subs.get_mut(id)
-                    && sub.over_mark
+                    && (sub.over_mark || all_over && sub.queue.len() > sub.queued_replies)
                     && sub.full_since.is_none()
                 {
                     sub.full_since = Some(now);
@@ -999,7 +1016,7 @@ impl<P: Payload> Broker<P> {
         tracing::warn!(
             subscriber = %Hex(&sub.routing_id),
             dropped = sub.dropped,
-            "cut off a slow subscriber whose queue stayed full"
+            "cut off a slow subscriber: its queue stayed full, or it held publishers back taking nothing"
         );
         if sub.in_backlog {
             sub.in_backlog = false;
@@ -1050,8 +1067,8 @@ impl<P: Payload> Broker<P> {
 
     /// Under [`OverflowPolicy::Backpressure`]: whether the event loop must
     /// stop reading publishers, because a subscriber's queue (with what is
-    /// staged for it) is past half its bounds or all queues together are
-    /// past half of theirs. Always false under the other policies. Cheap
+    /// staged for it) has reached half its bounds or all queues together
+    /// half of theirs. Always false under the other policies. Cheap
     /// enough to ask before every publish.
     pub fn publishers_paused(&mut self) -> bool {
         let paused = self.queues.over_mark > 0
@@ -1481,6 +1498,58 @@ mod tests {
         assert!(b.publishers_paused(), "two staged reach the mark of two");
         b.send_routed(&mut out);
         assert!(b.publishers_paused(), "now two queued behind the full pipe");
+    }
+
+    #[test]
+    fn backpressure_counts_staged_bytes_toward_the_mark() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.queue.max_bytes = 100;
+        config.queue.policy = OverflowPolicy::Backpressure;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
+        out.full.insert(b"a".to_vec());
+        let mut stage_30 = |b: &mut Broker<Bytes>| {
+            let mut frames: [Bytes; 2] = [Rc::from(&b"t"[..]), Rc::from(&[0u8; 29][..])];
+            b.route_publish(None, &mut frames, 2, now, &mut out)
+                .unwrap();
+        };
+        stage_30(&mut b);
+        assert!(!b.publishers_paused(), "30 of 100 bytes");
+        stage_30(&mut b);
+        assert!(
+            b.publishers_paused(),
+            "60 staged bytes reach the mark of 50"
+        );
+    }
+
+    #[test]
+    fn backpressure_clocks_every_backlog_while_all_queues_hold_half_the_total() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.queue.max_total_bytes = 40;
+        config.queue.policy = OverflowPolicy::Backpressure;
+        config.queue.disconnect_after = Duration::from_secs(5);
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        for who in [&b"a"[..], b"b"] {
+            command(&mut b, &mut out, who, &[b"SUB", b"prefix", b""]);
+            out.full.insert(who.to_vec());
+        }
+        for published in 1.. {
+            publish(&mut b, &mut out, "t", now);
+            if b.publishers_paused() {
+                assert_eq!(published, 5, "2 queues x 5 x 2 bytes = 20 of 40");
+                break;
+            }
+            assert!(published < 5, "never paused");
+        }
+        assert_eq!(b.queues.over_mark, 0, "no queue is past its own mark");
+        b.tick(now, &mut out);
+        b.tick(now + Duration::from_secs(5), &mut out);
+        assert_eq!(b.counters().slow_disconnects, 2);
+        assert!(!b.publishers_paused());
     }
 
     #[test]

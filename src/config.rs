@@ -144,15 +144,18 @@ pub enum OverflowPolicy {
     /// [`QueueConfig::disconnect_after`], drop the subscriber's filters and
     /// queue and tell it with `[ERR, limit, …]`.
     Disconnect,
-    /// Lose nothing to a slow consumer: while any subscriber's queue is more
-    /// than half full (in messages or bytes), or all queues together hold
-    /// more than half of [`QueueConfig::max_total_bytes`], stop reading
-    /// publishers, so libzmq's PUSH high-water mark slows them down. Every
-    /// publisher then runs at the pace of the slowest matching subscriber.
-    /// A subscriber that takes nothing for [`QueueConfig::disconnect_after`]
-    /// is cut off as with `Disconnect`, so a stuck one cannot stall
-    /// publishers for longer. A message that does not fit in the half left
-    /// (larger than it) is still dropped and counted.
+    /// Lose nothing to a slow consumer: while any subscriber's queue,
+    /// counting what is routed to it and not sent yet, is half full (half
+    /// of `max_messages` messages or of `max_bytes` bytes, replies'
+    /// bytes included), or all queues together hold half of
+    /// [`QueueConfig::max_total_bytes`], stop reading publishers, so
+    /// libzmq's PUSH high-water mark slows them down. Every publisher then
+    /// runs at the pace of the slowest matching subscriber. A subscriber
+    /// holding publishers back that takes nothing for
+    /// [`QueueConfig::disconnect_after`] (give or take one sweep of the
+    /// broker's timer) is cut off as with `Disconnect`, so a stuck one
+    /// cannot stall publishers for longer. A message that does not fit in
+    /// the half left (larger than it) is still dropped and counted.
     Backpressure,
 }
 

@@ -82,6 +82,9 @@ pub struct Subscriber<P> {
     /// Indices of the broker's staged messages routed to it and not sent
     /// yet, in order; empty between the broker's calls.
     pub staged: Vec<u32>,
+    /// Topic and payload bytes of those, under the backpressure policy
+    /// (zero under the others).
+    pub staged_bytes: usize,
 }
 
 impl<P> Subscriber<P> {
@@ -101,6 +104,7 @@ impl<P> Subscriber<P> {
             command_tokens: f64::MAX,
             tokens_at: now,
             staged: Vec::new(),
+            staged_bytes: 0,
         }
     }
 }

@@ -47,9 +47,11 @@
 //!   has been non-empty);
 //! - `publishers_paused` is true exactly under the `backpressure` policy
 //!   while a subscriber's queued and staged messages reach half of
-//!   `max_messages`, its queued bytes half of `max_bytes`, or all queued
-//!   bytes half of `max_total_bytes` (the publisher ops ignore it, so the
-//!   bounds are hit under this policy too);
+//!   `max_messages`, its queued and staged bytes half of `max_bytes`, or
+//!   all queued and staged bytes half of `max_total_bytes` (the publisher
+//!   ops ignore it, so the bounds are hit under this policy too); the
+//!   staged bytes the broker counts per subscriber are those of the
+//!   model's last routed, undelivered messages;
 //! - the token bucket refuses a message from a tracked peer, well-formed or
 //!   not (`[ERR, limit, …]`, counted as `refused_rate`), exactly when an
 //!   exact-arithmetic model of
@@ -877,6 +879,7 @@ impl Session {
         // Past the backpressure mark: a queue (with what is staged for it)
         // at half its bounds, or all queues at half of theirs.
         let mut over_mark = false;
+        let mut staged_bytes = 0;
         for (i, p) in self.peers.iter_mut().enumerate() {
             let Some(sub) = self.broker.subscriber(PEERS[i]) else {
                 continue;
@@ -925,12 +928,25 @@ impl Session {
             } else if p.backlogged_since.is_none() {
                 p.backlogged_since = Some(self.dating.unwrap_or(self.now));
             }
+            // Staged deliveries are the last seqs assigned, none delivered.
+            let backpressure = queue.policy == OverflowPolicy::Backpressure;
+            let staged_from = p.assigned + 1 - sub.staged.len() as u64;
+            let own_staged_bytes: usize = if backpressure {
+                p.pending
+                    .range(staged_from..)
+                    .map(|(_, (topic, payload))| topic.len() + payload.len())
+                    .sum()
+            } else {
+                0
+            };
+            assert_eq!(sub.staged_bytes, own_staged_bytes, "peer {i}'s staged bytes");
+            staged_bytes += own_staged_bytes;
             let half = |bound: usize| bound.div_ceil(2).max(1);
             over_mark |= own_messages + sub.staged.len() >= half(queue.max_messages)
-                || sub.queued_bytes >= half(queue.max_bytes);
+                || sub.queued_bytes + own_staged_bytes >= half(queue.max_bytes);
         }
         let backpressure = queue.policy == OverflowPolicy::Backpressure;
-        over_mark |= bytes >= queue.max_total_bytes.div_ceil(2).max(1);
+        over_mark |= bytes + staged_bytes >= queue.max_total_bytes.div_ceil(2).max(1);
         assert_eq!(
             self.broker.publishers_paused(),
             backpressure && over_mark,
