@@ -653,7 +653,8 @@ impl Session {
     }
 
     fn flush(&mut self) {
-        self.staged = false;
+        // `flush` sends staged deliveries first, dated as `send_staged`'s.
+        self.dating = std::mem::take(&mut self.staged).then_some(self.staged_at);
         let more = self.broker.flush(&mut self.wire);
         self.absorb(&Call::Flush);
         let queued = PEERS
@@ -662,6 +663,7 @@ impl Session {
             .any(|sub| !sub.queue.is_empty());
         assert_eq!(more, queued, "flush's answer to \"anything still queued?\"");
         self.check();
+        self.dating = None;
     }
 
     fn tick(&mut self) {
