@@ -1369,10 +1369,7 @@ mod tests {
         let now = Instant::now();
         let mut config = Config::default();
         config.queue.max_messages = 3;
-        let mut b = Broker::new(config, now);
-        let mut out = Recorder::default();
-        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
-        out.full.insert(b"a".to_vec());
+        let (mut b, mut out) = one_full_subscriber(config, now);
         for _ in 0..5 {
             publish(&mut b, &mut out, "t", now);
         }
@@ -1396,10 +1393,7 @@ mod tests {
         let mut config = Config::default();
         config.queue.max_messages = 2;
         config.queue.policy = OverflowPolicy::DropOld;
-        let mut b = Broker::new(config, now);
-        let mut out = Recorder::default();
-        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
-        out.full.insert(b"a".to_vec());
+        let (mut b, mut out) = one_full_subscriber(config, now);
         for _ in 0..5 {
             publish(&mut b, &mut out, "t", now);
         }
@@ -1435,10 +1429,7 @@ mod tests {
         let mut config = Config::default();
         config.queue.max_messages = 1;
         config.queue.policy = OverflowPolicy::Disconnect;
-        let mut b = Broker::new(config, now);
-        let mut out = Recorder::default();
-        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
-        out.full.insert(b"a".to_vec());
+        let (mut b, mut out) = one_full_subscriber(config, now);
         publish(&mut b, &mut out, "t", now);
         publish(&mut b, &mut out, "t", now);
         b.tick(now + Duration::from_secs(6), &mut out);
@@ -1449,18 +1440,23 @@ mod tests {
         assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"limit"]);
     }
 
-    /// A broker under the backpressure policy, queues of 4 messages, with
-    /// subscriber "a" on everything and its pipe full.
-    fn backpressured(now: Instant) -> (Broker<Bytes>, Recorder) {
-        let mut config = Config::default();
-        config.queue.max_messages = 4;
-        config.queue.policy = OverflowPolicy::Backpressure;
-        config.queue.disconnect_after = Duration::from_secs(5);
+    /// A broker on `config` with subscriber "a" on everything and its pipe
+    /// full, so what is routed to it queues.
+    fn one_full_subscriber(config: Config, now: Instant) -> (Broker<Bytes>, Recorder) {
         let mut b = Broker::new(config, now);
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
         out.full.insert(b"a".to_vec());
         (b, out)
+    }
+
+    /// The backpressure policy, queues of 4 messages, "a" behind a full pipe.
+    fn backpressured(now: Instant) -> (Broker<Bytes>, Recorder) {
+        let mut config = Config::default();
+        config.queue.max_messages = 4;
+        config.queue.policy = OverflowPolicy::Backpressure;
+        config.queue.disconnect_after = Duration::from_secs(5);
+        one_full_subscriber(config, now)
     }
 
     #[test]
@@ -1506,10 +1502,7 @@ mod tests {
         let mut config = Config::default();
         config.queue.max_bytes = 100;
         config.queue.policy = OverflowPolicy::Backpressure;
-        let mut b = Broker::new(config, now);
-        let mut out = Recorder::default();
-        command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
-        out.full.insert(b"a".to_vec());
+        let (mut b, mut out) = one_full_subscriber(config, now);
         let mut stage_30 = |b: &mut Broker<Bytes>| {
             let mut frames: [Bytes; 2] = [Rc::from(&b"t"[..]), Rc::from(&[0u8; 29][..])];
             b.route_publish(None, &mut frames, 2, now, &mut out)
