@@ -527,7 +527,7 @@ impl<P: Payload> Broker<P> {
         let topic_at = topic_start..staged.topic_bytes.len();
         let backpressure = self.config.queue.policy == OverflowPolicy::Backpressure;
         // What one queued delivery of it counts (see `queued_size`).
-        let size = topic_bytes.len() + payload.bytes().len();
+        let size = topic_bytes.len() + payload_len as usize;
         for &id in &self.matched {
             let Some(sub) = self.subs.get_mut(id) else {
                 debug_assert!(false, "routing index names a removed subscriber");
