@@ -52,9 +52,18 @@ pub struct Config {
     /// subscribers a 1 s interval saturated a core (BENCHMARKS.md, scale).
     #[serde(with = "humantime_serde")]
     pub zmtp_heartbeat: Duration,
-    /// libzmq's per-peer high-water mark in messages (`ZMQ_SNDHWM` on the
-    /// ROUTER, `ZMQ_RCVHWM` on the PULL).
-    pub hwm: i32,
+    /// libzmq's queue from each publisher, in messages (`ZMQ_RCVHWM` on the
+    /// PULL). Short on purpose: beyond it a publisher's PUSH waits, instead
+    /// of the broker reading ahead of what its subscribers take (which, with
+    /// a dropping overflow policy, only turns into drops).
+    pub pub_hwm: i32,
+    /// libzmq's queue to each subscriber, in messages (`ZMQ_SNDHWM` and
+    /// `ZMQ_RCVHWM` on the ROUTER); beyond it deliveries wait in the broker's
+    /// own [`QueueConfig`] queue. libzmq lets a full pipe be refilled only
+    /// once all but 1,024 of its messages are sent (half, below 2,048), and
+    /// those must last until the broker's thread gets a core back: at 1,000
+    /// the I/O thread ran dry on a busy 2-core machine (BENCHMARKS.md).
+    pub sub_hwm: i32,
     /// libzmq I/O threads (`ZMQ_IO_THREADS`), which encode, decode and do
     /// the socket system calls; connections are spread over them. One is
     /// enough for a core or two; add one per few more cores the broker may
@@ -81,7 +90,8 @@ impl Default for Config {
             queue: QueueConfig::default(),
             sub_timeout: Duration::from_secs(10),
             zmtp_heartbeat: Duration::from_secs(30),
-            hwm: 1000,
+            pub_hwm: 1000,
+            sub_hwm: 3000,
             io_threads: 1,
             linger: Duration::from_secs(2),
             metrics_bind: None,
@@ -280,6 +290,13 @@ impl Config {
                 self.io_threads
             ));
         }
+        if self.pub_hwm < 1 || self.sub_hwm < 1 {
+            // libzmq reads 0 as "no limit": memory bounded by nothing.
+            return invalid(format!(
+                "pub_hwm {} and sub_hwm {} must be at least 1",
+                self.pub_hwm, self.sub_hwm
+            ));
+        }
         if self.queue.max_messages == 0 || self.queue.max_bytes == 0 {
             return invalid("queue.max_messages and queue.max_bytes must be at least 1".into());
         }
@@ -373,6 +390,21 @@ mod tests {
         for (threads, ok) in [(0, false), (1, true), (64, true), (65, false)] {
             let config = Config::from_toml(&format!("io_threads = {threads}")).unwrap();
             assert_eq!(config.validate().is_ok(), ok, "io_threads = {threads}");
+        }
+    }
+
+    #[test]
+    fn high_water_marks_must_be_positive() {
+        // 0 is libzmq's "unlimited": refused, so libzmq's buffers stay bounded.
+        for (field, value, ok) in [
+            ("pub_hwm", 0, false),
+            ("pub_hwm", 1, true),
+            ("sub_hwm", -1, false),
+            ("sub_hwm", 0, false),
+            ("sub_hwm", 1, true),
+        ] {
+            let config = Config::from_toml(&format!("{field} = {value}")).unwrap();
+            assert_eq!(config.validate().is_ok(), ok, "{field} = {value}");
         }
     }
 }

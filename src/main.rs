@@ -161,9 +161,12 @@ struct RunArgs {
     /// backpressure: how long a subscriber may take nothing [default: 5s].
     #[arg(long, value_parser = humantime::parse_duration)]
     disconnect_after: Option<Duration>,
-    /// libzmq's per-peer queue in messages, SNDHWM/RCVHWM [default: 1000].
+    /// libzmq's queue from each publisher in messages, the PULL's RCVHWM [default: 1000].
     #[arg(long)]
-    hwm: Option<i32>,
+    pub_hwm: Option<i32>,
+    /// libzmq's queue to each subscriber in messages, the ROUTER's SNDHWM [default: 3000].
+    #[arg(long)]
+    sub_hwm: Option<i32>,
     /// libzmq I/O threads (encoding, decoding, socket calls), 1 to 64 [default: 1].
     #[arg(long)]
     io_threads: Option<i32>,
@@ -228,7 +231,8 @@ impl RunArgs {
         set(&mut c.queue.max_total_bytes, &self.queue_max_total_bytes);
         set(&mut c.queue.policy, &self.overflow);
         set(&mut c.queue.disconnect_after, &self.disconnect_after);
-        set(&mut c.hwm, &self.hwm);
+        set(&mut c.pub_hwm, &self.pub_hwm);
+        set(&mut c.sub_hwm, &self.sub_hwm);
         set(&mut c.io_threads, &self.io_threads);
         set(&mut c.linger, &self.linger);
         c.validate()?;

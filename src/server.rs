@@ -431,7 +431,7 @@ impl Server {
         };
         let pull = zmq_call("create the PULL socket", context.socket(zmq::PULL))?;
         set_common_options(&pull, &config, security.as_ref(), auth::PUBLISHER_DOMAIN)?;
-        zmq_call("set ZMQ_RCVHWM", pull.set_rcvhwm(config.hwm))?;
+        zmq_call("set ZMQ_RCVHWM", pull.set_rcvhwm(config.pub_hwm))?;
         let pub_endpoint = bind(&pull, "publisher", &config.pub_bind)?;
 
         let router = zmq_call("create the ROUTER socket", context.socket(zmq::ROUTER))?;
@@ -443,8 +443,8 @@ impl Server {
             "set ZMQ_ROUTER_MANDATORY",
             router.set_router_mandatory(true),
         )?;
-        zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(config.hwm))?;
-        zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(config.hwm))?;
+        zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(config.sub_hwm))?;
+        zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(config.sub_hwm))?;
         let publisher_watch = Watch::attach(&context, &pull, "publishers")?;
         let subscriber_watch = Watch::attach(&context, &router, "subscribers")?;
         let sub_endpoint = bind(&router, "subscriber", &config.sub_bind)?;

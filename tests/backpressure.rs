@@ -20,7 +20,8 @@ fn config(disconnect_after: Duration) -> Config {
     config.queue.policy = OverflowPolicy::Backpressure;
     config.queue.max_messages = 2_000;
     config.queue.disconnect_after = disconnect_after;
-    config.hwm = 100;
+    config.pub_hwm = 100;
+    config.sub_hwm = 100;
     // Stalled subscribers send no commands; they must not expire.
     config.sub_timeout = Duration::from_secs(60);
     config

@@ -92,7 +92,7 @@ fn refusals_are_typed_errors() {
 #[test]
 fn dropped_messages_show_as_a_gap_equal_to_the_drop_count() {
     let mut config = common::test_config();
-    config.hwm = 10;
+    config.sub_hwm = 10;
     config.queue.max_messages = 50;
     config.sub_timeout = Duration::from_secs(60);
     let broker = TestBroker::start(Transport::Ipc, config);

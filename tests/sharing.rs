@@ -48,7 +48,7 @@ fn vm_rss() -> u64 {
 fn fan_out_shares_payloads_instead_of_copying_them() {
     let mut config = Config {
         // libzmq takes one message per subscriber; the broker queues the rest.
-        hwm: 1,
+        sub_hwm: 1,
         // Nobody pings during the test; nobody must expire.
         sub_timeout: Duration::from_secs(600),
         linger: Duration::from_millis(100),

@@ -33,7 +33,7 @@ fn one_slow_subscriber_does_not_hurt_the_other_nineteen() {
         &sub_endpoint,
         "--metrics-bind",
         &metrics,
-        "--hwm",
+        "--sub-hwm",
         "500",
         "--queue-max-messages",
         "5000",
