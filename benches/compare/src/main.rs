@@ -5,13 +5,14 @@
 //!             [--quick] [--no-scale] [--out results.json] [--md BENCHMARKS.md]
 //!             [--png docs/compare.png] [--work DIR] [--command TEXT]
 //! compare report --results results.json --md BENCHMARKS.md --png docs/compare.png
-//! compare proxy FRONT BACK               (libzmq XSUB/XPUB proxy process)
+//! compare proxy FRONT BACK [PUB_HWM SUB_HWM]  (libzmq XSUB/XPUB proxy process)
 //! compare scale-subs ENDPOINT FIRST COUNT PER   (scale-test subscribers)
 //! ```
 //!
 //! Systems (`--systems`, default all): zbroker, zbroker-bp (the same binary
 //! and clients, broker run with `--overflow backpressure`), direct, proxy,
-//! redis, nats, mosquitto. The scale test runs zbroker only.
+//! proxy-hwm (the proxy with zbroker's default libzmq queue depths), redis,
+//! nats, mosquitto. The scale test runs zbroker only.
 
 mod async_clients;
 mod bench;
@@ -31,7 +32,8 @@ use std::time::{Duration, Instant};
 use report::{Meta, Results};
 
 /// Every system, in the order of the report's columns.
-pub const SYSTEMS: [&str; 7] = ["zbroker", "zbroker-bp", "direct", "proxy", "redis", "nats", "mosquitto"];
+pub const SYSTEMS: [&str; 8] =
+    ["zbroker", "zbroker-bp", "direct", "proxy", "proxy-hwm", "redis", "nats", "mosquitto"];
 
 struct Args {
     words: Vec<String>,
@@ -269,8 +271,12 @@ fn main() -> ExitCode {
         "run" => run(Args { words }),
         "report" => report_cmd(Args { words }),
         "proxy" => match words.as_slice() {
-            [front, back] => zmq_clients::run_proxy(front, back),
-            _ => Err("usage: compare proxy FRONT BACK".into()),
+            [front, back] => zmq_clients::run_proxy(front, back, None),
+            [front, back, pub_hwm, sub_hwm] => match (pub_hwm.parse(), sub_hwm.parse()) {
+                (Ok(p), Ok(s)) => zmq_clients::run_proxy(front, back, Some((p, s))),
+                _ => Err(format!("bad high-water marks {pub_hwm} {sub_hwm}")),
+            },
+            _ => Err("usage: compare proxy FRONT BACK [PUB_HWM SUB_HWM]".into()),
         },
         "scale-subs" => match words.as_slice() {
             [ep, first, count, per] => (|| {

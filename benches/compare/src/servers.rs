@@ -190,8 +190,18 @@ pub fn zbroker_with(env: &Env, system: &str, config: Option<&Path>) -> Result<Se
     spawn(system, cmd, vec![p1, p2], &[p1, p2], env)
 }
 
-/// libzmq's XSUB/XPUB proxy, in this harness's `proxy` sub-mode.
-pub fn proxy(env: &Env) -> Result<Server, String> {
+/// zbroker's default `--pub-hwm` and `--sub-hwm` (src/config.rs), which the
+/// `proxy-hwm` system gives libzmq's proxy too.
+pub const ZBROKER_HWM: (i32, i32) = (1000, 3000);
+
+/// Whether `system` is libzmq's proxy (in any configuration).
+pub fn is_proxy(system: &str) -> bool {
+    matches!(system, "proxy" | "proxy-hwm")
+}
+
+/// libzmq's XSUB/XPUB proxy as `system`, in this harness's `proxy` sub-mode:
+/// libzmq's default queue depths, or zbroker's as `proxy-hwm`.
+pub fn proxy(env: &Env, system: &str) -> Result<Server, String> {
     let (p1, p2) = (free_port(), free_port());
     let mut cmd = Command::new(&env.harness);
     if let Some(wrap) = std::env::var("COMPARE_WRAP_PROXY").ok().filter(|w| !w.is_empty()) {
@@ -202,7 +212,11 @@ pub fn proxy(env: &Env) -> Result<Server, String> {
     cmd.arg("proxy")
         .arg(format!("tcp://127.0.0.1:{p1}"))
         .arg(format!("tcp://127.0.0.1:{p2}"));
-    spawn("proxy", cmd, vec![p1, p2], &[p1, p2], env)
+    if system == "proxy-hwm" {
+        let (from_publishers, to_subscribers) = ZBROKER_HWM;
+        cmd.arg(from_publishers.to_string()).arg(to_subscribers.to_string());
+    }
+    spawn(system, cmd, vec![p1, p2], &[p1, p2], env)
 }
 
 /// redis-server without persistence, bound to 127.0.0.1, defaults otherwise
@@ -261,7 +275,7 @@ pub fn start(system: &str, env: &Env) -> Result<Server, String> {
         return zbroker_with(env, system, None);
     }
     match system {
-        "proxy" => proxy(env),
+        s if is_proxy(s) => proxy(env, s),
         "redis" => redis(env),
         "nats" => nats(env),
         "mosquitto" => mosquitto(env),
@@ -287,7 +301,7 @@ pub fn version_of(system: &str, env: &Env) -> String {
     let (maj, min, pat) = zmq::version();
     match system {
         s if is_zbroker(s) => format!("{} (libzmq {maj}.{min}.{pat})", run(&env.zbroker, &["--version"])),
-        "direct" | "proxy" => format!("libzmq {maj}.{min}.{pat}"),
+        s if s == "direct" || is_proxy(s) => format!("libzmq {maj}.{min}.{pat}"),
         "redis" => run(Path::new("redis-server"), &["--version"]),
         "nats" => run(Path::new("nats-server"), &["--version"]),
         "mosquitto" => run(Path::new("mosquitto"), &["-h"]),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use crate::servers::{Server, is_zbroker};
+use crate::servers::{Server, is_proxy, is_zbroker};
 use crate::session::{PubSink, Subs};
 use crate::shared::Shared;
 use crate::util::{Ctx, free_port, now_ns};
@@ -56,7 +56,7 @@ fn zerr(what: &str) -> impl Fn(zmq::Error) -> String + '_ {
 
 /// Whether `system` is one of the ZeroMQ systems [`open`] handles.
 pub fn handles(system: &str) -> bool {
-    is_zbroker(system) || matches!(system, "direct" | "proxy")
+    is_zbroker(system) || is_proxy(system) || system == "direct"
 }
 
 /// Opens publishers and subscribers for `system` (a zbroker configuration,
@@ -82,7 +82,7 @@ pub fn open(
                     .map_err(zerr("connect PUSH"))?;
                 s
             }
-            "proxy" => {
+            _ if is_proxy(system) => {
                 let s = pub_ctx.socket(zmq::PUB);
                 s.connect(&format!("tcp://127.0.0.1:{}", server.ports[0]))
                     .map_err(zerr("connect PUB"))?;
@@ -125,7 +125,7 @@ pub fn open(
                 }
                 d
             }
-            "proxy" => {
+            _ if is_proxy(system) => {
                 let d = sub_ctx.socket(zmq::SUB);
                 d.set_rcvhwm(CLIENT_HWM).map_err(zerr("set RCVHWM"))?;
                 d.connect(&format!("tcp://127.0.0.1:{}", server.ports[1]))
@@ -328,12 +328,18 @@ pub fn poller(group: Vec<(usize, zmq::Socket)>, proto: Proto, shared: &Shared, s
     unsafe { libc::close(ep) };
 }
 
-/// `compare proxy FRONT BACK`: libzmq's XSUB/XPUB proxy as a process of its
-/// own, so its CPU time and memory are measured like a broker's.
-pub fn run_proxy(front: &str, back: &str) -> Result<(), String> {
+/// `compare proxy FRONT BACK [PUB_HWM SUB_HWM]`: libzmq's XSUB/XPUB proxy as a process
+/// of its own, so its CPU time and memory are measured like a broker's;
+/// with `hwm`, the queues from publishers and to subscribers get zbroker's
+/// depths instead of libzmq's default 1,000.
+pub fn run_proxy(front: &str, back: &str, hwm: Option<(i32, i32)>) -> Result<(), String> {
     let ctx = zmq::Context::new();
     let xsub = ctx.socket(zmq::XSUB).map_err(zerr("XSUB"))?;
     let xpub = ctx.socket(zmq::XPUB).map_err(zerr("XPUB"))?;
+    if let Some((from_publishers, to_subscribers)) = hwm {
+        xsub.set_rcvhwm(from_publishers).map_err(zerr("set RCVHWM"))?;
+        xpub.set_sndhwm(to_subscribers).map_err(zerr("set SNDHWM"))?;
+    }
     xsub.bind(front).map_err(zerr("bind XSUB"))?;
     xpub.bind(back).map_err(zerr("bind XPUB"))?;
     zmq::proxy(&xsub, &xpub).map_err(zerr("zmq_proxy"))?;
