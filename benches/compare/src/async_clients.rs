@@ -49,7 +49,9 @@ impl RedisPub {
         if self.batched == 0 {
             return;
         }
-        self.con.send_packed_command(&self.buf).expect("redis write");
+        self.con
+            .send_packed_command(&self.buf)
+            .expect("redis write");
         self.outstanding += self.batched;
         self.batched = 0;
         self.buf.clear();
@@ -118,7 +120,9 @@ pub fn open_redis(
                     }
                     if first {
                         first = false;
-                        shared.subscribed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        shared
+                            .subscribed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     let mut stream = ps.into_on_message();
                     while let Some(m) = stream.next().await {
@@ -129,7 +133,9 @@ pub fn open_redis(
                 if let Err(e) = run.await {
                     eprintln!("redis subscriber {s}: {e}");
                 }
-                shared.disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared
+                    .disconnects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }));
@@ -145,7 +151,11 @@ pub fn open_redis(
             buf: Vec::with_capacity(REDIS_BATCH * 1200),
             batched: 0,
             outstanding: 0,
-            topics: wl.warm_topics(p).into_iter().map(String::into_bytes).collect(),
+            topics: wl
+                .warm_topics(p)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
         }));
     }
     Ok((pubs, Subs::Tasks(Arc::clone(shared), Some(rt), tasks)))
@@ -167,7 +177,9 @@ impl PubSink for NatsPub {
     }
 
     fn flush(&mut self) {
-        self.handle.block_on(self.client.flush()).expect("nats flush");
+        self.handle
+            .block_on(self.client.flush())
+            .expect("nats flush");
     }
 }
 
@@ -194,7 +206,9 @@ pub fn open_nats(
                     streams.push(client.subscribe(t).await.map_err(|e| e.to_string())?);
                 }
                 client.flush().await.map_err(|e| e.to_string())?;
-                shared.subscribed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared
+                    .subscribed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut all = futures::stream::select_all(streams);
                 while let Some(m) = all.next().await {
                     shared.on_payload(s, s, &m.payload, now_ns());
@@ -250,7 +264,8 @@ impl PubSink for MqttPub {
 
 impl Drop for MqttPub {
     fn drop(&mut self) {
-        self.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(c) = self.client.take() {
             let _ = c.disconnect();
         }
@@ -298,7 +313,9 @@ pub fn open_mqtt(
                     }
                     Ok(Event::Incoming(Packet::ConnAck(_))) if acks >= topics.len() => {
                         // Reconnected with a clean session: subscribe again.
-                        shared.disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        shared
+                            .disconnects
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         for t in &topics {
                             let _ = client.try_subscribe(t.clone(), QoS::AtMostOnce);
                         }

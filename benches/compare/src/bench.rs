@@ -482,7 +482,9 @@ pub fn run_once(
         agg_rate: safe(delivered as f64),
         publish_rate: safe(total_sent as f64),
         cpu_s,
-        cpu_s_per_m: cpu_s.filter(|_| delivered > 0).map(|c| c / (delivered as f64 / 1e6)),
+        cpu_s_per_m: cpu_s
+            .filter(|_| delivered > 0)
+            .map(|c| c / (delivered as f64 / 1e6)),
         latency: lat,
         min_max_seq,
         reordered,
@@ -544,7 +546,10 @@ pub fn bench_pair(system: &str, wl: &Workload, env: &Env, settings: &Settings) -
     };
     result.setup_s = sess.setup_s;
     result.server_command = sess.server.command.clone();
-    eprintln!("  {system}/{}: {} subscribers ready in {:.1} s", wl.name, wl.subs, sess.setup_s);
+    eprintln!(
+        "  {system}/{}: {} subscribers ready in {:.1} s",
+        wl.name, wl.subs, sess.setup_s
+    );
     let outcome = (|| -> Result<(), String> {
         // Calibration runs are as long as measured runs: some limits (Redis'
         // 32 MB output buffer) only bite after a while.
@@ -609,7 +614,10 @@ pub fn bench_pair(system: &str, wl: &Workload, env: &Env, settings: &Settings) -
                 median(result.runs.iter().map(through).collect()).unwrap_or(1000.0)
             });
             pace = Some(base * STEP);
-            eprintln!("    most runs lost messages: again at {}", crate::util::si(base * STEP));
+            eprintln!(
+                "    most runs lost messages: again at {}",
+                crate::util::si(base * STEP)
+            );
             result.discarded.append(&mut result.runs);
         }
         let peak = median(
@@ -621,8 +629,18 @@ pub fn bench_pair(system: &str, wl: &Workload, env: &Env, settings: &Settings) -
         )
         .or(pace)
         .unwrap_or(1000.0);
-        let r = run_once(&mut sess, settings, settings.duration, Some(0.5 * peak), true)?;
-        eprintln!("    latency at 50% ({} msg/s): {}", crate::util::si(0.5 * peak), describe(&r));
+        let r = run_once(
+            &mut sess,
+            settings,
+            settings.duration,
+            Some(0.5 * peak),
+            true,
+        )?;
+        eprintln!(
+            "    latency at 50% ({} msg/s): {}",
+            crate::util::si(0.5 * peak),
+            describe(&r)
+        );
         result.latency_run = Some(r);
         Ok(())
     })();

@@ -32,8 +32,16 @@ use std::time::{Duration, Instant};
 use report::{Meta, Results};
 
 /// Every system, in the order of the report's columns.
-pub const SYSTEMS: [&str; 8] =
-    ["zbroker", "zbroker-bp", "direct", "proxy", "proxy-hwm", "redis", "nats", "mosquitto"];
+pub const SYSTEMS: [&str; 8] = [
+    "zbroker",
+    "zbroker-bp",
+    "direct",
+    "proxy",
+    "proxy-hwm",
+    "redis",
+    "nats",
+    "mosquitto",
+];
 
 struct Args {
     words: Vec<String>,
@@ -92,7 +100,9 @@ fn machine_meta(env: &servers::Env, systems: &[String], command: String, setting
     Meta {
         command,
         date: sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        nproc: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         cpu_model,
         kernel: sh("uname", &["-r"]),
         libzmq: format!("{a}.{b}.{c} (Debian libzmq5 {libzmq_pkg})"),
@@ -144,7 +154,10 @@ fn run(mut args: Args) -> Result<(), String> {
             .split(',')
             .map(|n| workload::by_name(n).ok_or(format!("unknown workload {n}")))
             .collect::<Result<_, _>>()?,
-        None => default_workloads.iter().map(|n| workload::by_name(n).unwrap()).collect(),
+        None => default_workloads
+            .iter()
+            .map(|n| workload::by_name(n).unwrap())
+            .collect(),
     };
     let runs: usize = match args.value("--runs")? {
         Some(n) => n.parse().map_err(|_| "--runs N")?,
@@ -157,12 +170,22 @@ fn run(mut args: Args) -> Result<(), String> {
         }
     };
     let scale_on = (!no_scale && !quick) || args.flag("--scale") || scale_only;
-    let out = PathBuf::from(args.value("--out")?.unwrap_or("target/compare/results.json".into()));
+    let out = PathBuf::from(
+        args.value("--out")?
+            .unwrap_or("target/compare/results.json".into()),
+    );
     let md = args.value("--md")?.map(PathBuf::from);
     let png = args.value("--png")?.map(PathBuf::from);
-    let work = PathBuf::from(args.value("--work")?.unwrap_or("target/compare/work".into()));
-    let command = args.value("--command")?.unwrap_or_else(|| "compare run".into());
-    let zbroker_rev = args.value("--zbroker-rev")?.unwrap_or_else(|| "unknown".into());
+    let work = PathBuf::from(
+        args.value("--work")?
+            .unwrap_or("target/compare/work".into()),
+    );
+    let command = args
+        .value("--command")?
+        .unwrap_or_else(|| "compare run".into());
+    let zbroker_rev = args
+        .value("--zbroker-rev")?
+        .unwrap_or_else(|| "unknown".into());
     if !args.words.is_empty() {
         return Err(format!("unexpected arguments: {:?}", args.words));
     }

@@ -108,8 +108,10 @@ pub fn child(endpoint: &str, first: usize, count: usize, per: usize) -> Result<(
                 return Err(format!("{left} SUBs unanswered"));
             }
             let chunk = &socks[chunk_start..chunk_end];
-            let mut items: Vec<zmq::PollItem> =
-                chunk.iter().map(|(_, s)| s.as_poll_item(zmq::POLLIN)).collect();
+            let mut items: Vec<zmq::PollItem> = chunk
+                .iter()
+                .map(|(_, s)| s.as_poll_item(zmq::POLLIN))
+                .collect();
             zmq::poll(&mut items, 100).map_err(|e| e.to_string())?;
             for (k, item) in items.iter().enumerate() {
                 if !item.is_readable() {
@@ -121,7 +123,10 @@ pub fn child(endpoint: &str, first: usize, count: usize, per: usize) -> Result<(
                         Some(b"ERR") => {
                             return Err(format!(
                                 "ERR {:?}",
-                                parts.iter().map(|p| String::from_utf8_lossy(p).to_string()).collect::<Vec<_>>()
+                                parts
+                                    .iter()
+                                    .map(|p| String::from_utf8_lossy(p).to_string())
+                                    .collect::<Vec<_>>()
                             ));
                         }
                         _ => {}
@@ -164,7 +169,12 @@ pub fn child(endpoint: &str, first: usize, count: usize, per: usize) -> Result<(
             ["COUNT"] => {
                 let received: u64 = shared.slots.iter().map(|s| s.received.load(Relaxed)).sum();
                 let gaps: u64 = shared.slots.iter().map(|s| s.gaps.load(Relaxed)).sum();
-                let last = shared.slots.iter().map(|s| s.last_ns.load(Relaxed)).max().unwrap_or(0);
+                let last = shared
+                    .slots
+                    .iter()
+                    .map(|s| s.last_ns.load(Relaxed))
+                    .max()
+                    .unwrap_or(0);
                 writeln!(out, "COUNT {received} {gaps} {last}").map_err(|e| e.to_string())?;
             }
             ["QUIT"] => break,
@@ -198,7 +208,11 @@ impl ChildProc {
                 }
             }
         });
-        ChildProc { child, stdin, lines }
+        ChildProc {
+            child,
+            stdin,
+            lines,
+        }
     }
 
     fn ask(&mut self, line: &str) -> Result<String, String> {
@@ -295,7 +309,11 @@ fn scale_run(
         let mut last = 0;
         for c in children.iter_mut() {
             let r = c.ask("COUNT")?;
-            let w: Vec<u64> = r.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            let w: Vec<u64> = r
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
             if w.len() != 3 {
                 return Err(format!("bad COUNT reply {r}"));
             }
@@ -333,7 +351,9 @@ fn scale_run(
         agg_rate: per(received as f64),
         publish_rate: per(sent as f64),
         cpu_s,
-        cpu_s_per_m: cpu_s.filter(|_| received > 0).map(|c| c / (received as f64 / 1e6)),
+        cpu_s_per_m: cpu_s
+            .filter(|_| received > 0)
+            .map(|c| c / (received as f64 / 1e6)),
         latency: None,
         min_max_seq: 0,
         reordered: 0,
@@ -363,9 +383,18 @@ fn default_heartbeat(env: &Env) -> Option<String> {
         .args(["run", "--check-config"])
         .output()
         .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let line = text.lines().find(|l| l.trim_start().starts_with("zmtp_heartbeat:"))?;
-    Some(line.split(':').nth(1)?.trim().trim_end_matches(',').to_string())
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("zmtp_heartbeat:"))?;
+    Some(
+        line.split(':')
+            .nth(1)?
+            .trim()
+            .trim_end_matches(',')
+            .to_string(),
+    )
 }
 
 pub fn run(env: &Env, settings: &Settings) -> ScaleResult {
@@ -487,7 +516,16 @@ fn run_variant(env: &Env, settings: &Settings, v: &mut ScaleVariant) -> Result<(
         run_id
     };
     let dur = settings.duration;
-    let probe = scale_run(&mut server, &mut children, &push, &hot, next(), dur, None, idle)?;
+    let probe = scale_run(
+        &mut server,
+        &mut children,
+        &push,
+        &hot,
+        next(),
+        dur,
+        None,
+        idle,
+    )?;
     eprintln!(
         "    probe: {} deliveries/s, loss {:.3}%",
         crate::util::si(probe.agg_rate),
@@ -497,8 +535,21 @@ fn run_variant(env: &Env, settings: &Settings, v: &mut ScaleVariant) -> Result<(
     if probe.lossy {
         let mut rate = 0.9 * probe.agg_rate;
         for _ in 0..5 {
-            let r = scale_run(&mut server, &mut children, &push, &hot, next(), dur, Some(rate), idle)?;
-            eprintln!("    calibrate {}: loss {:.3}%", crate::util::si(rate), r.loss_pct);
+            let r = scale_run(
+                &mut server,
+                &mut children,
+                &push,
+                &hot,
+                next(),
+                dur,
+                Some(rate),
+                idle,
+            )?;
+            eprintln!(
+                "    calibrate {}: loss {:.3}%",
+                crate::util::si(rate),
+                r.loss_pct
+            );
             let ok = !r.lossy;
             v.calibration.push(r);
             pace = Some(rate);
@@ -511,7 +562,16 @@ fn run_variant(env: &Env, settings: &Settings, v: &mut ScaleVariant) -> Result<(
     v.probe = Some(probe);
     v.pace = pace;
     for i in 0..settings.runs.min(3) {
-        let r = scale_run(&mut server, &mut children, &push, &hot, next(), dur, pace, idle)?;
+        let r = scale_run(
+            &mut server,
+            &mut children,
+            &push,
+            &hot,
+            next(),
+            dur,
+            pace,
+            idle,
+        )?;
         eprintln!(
             "    run {}: {} deliveries/s{}",
             i + 1,

@@ -106,7 +106,11 @@ fn spawn(
         .chain(cmd.get_args())
         .map(|a| {
             let a = a.to_string_lossy();
-            if a.is_empty() { "\"\"".to_string() } else { a.into_owned() }
+            if a.is_empty() {
+                "\"\"".to_string()
+            } else {
+                a.into_owned()
+            }
         })
         .collect::<Vec<_>>()
         .join(" ");
@@ -165,7 +169,10 @@ pub fn zbroker_with(env: &Env, system: &str, config: Option<&Path>) -> Result<Se
     let system_args = zbroker_args(system).ok_or_else(|| format!("{system} is not zbroker"))?;
     let (p1, p2) = (free_port(), free_port());
     let mut cmd = Command::new(&env.zbroker);
-    if let Some(wrap) = std::env::var("COMPARE_WRAP_ZBROKER").ok().filter(|w| !w.is_empty()) {
+    if let Some(wrap) = std::env::var("COMPARE_WRAP_ZBROKER")
+        .ok()
+        .filter(|w| !w.is_empty())
+    {
         // Profiling: e.g. "valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p".
         let mut words = wrap.split_whitespace();
         cmd = Command::new(words.next().expect("non-empty"));
@@ -181,8 +188,7 @@ pub fn zbroker_with(env: &Env, system: &str, config: Option<&Path>) -> Result<Se
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    cmd
-        .arg("--pub-bind")
+    cmd.arg("--pub-bind")
         .arg(format!("tcp://127.0.0.1:{p1}"))
         .arg("--sub-bind")
         .arg(format!("tcp://127.0.0.1:{p2}"))
@@ -204,7 +210,10 @@ pub fn is_proxy(system: &str) -> bool {
 pub fn proxy(env: &Env, system: &str) -> Result<Server, String> {
     let (p1, p2) = (free_port(), free_port());
     let mut cmd = Command::new(&env.harness);
-    if let Some(wrap) = std::env::var("COMPARE_WRAP_PROXY").ok().filter(|w| !w.is_empty()) {
+    if let Some(wrap) = std::env::var("COMPARE_WRAP_PROXY")
+        .ok()
+        .filter(|w| !w.is_empty())
+    {
         let mut words = wrap.split_whitespace();
         cmd = Command::new(words.next().expect("non-empty"));
         cmd.args(words).arg(&env.harness);
@@ -214,7 +223,8 @@ pub fn proxy(env: &Env, system: &str) -> Result<Server, String> {
         .arg(format!("tcp://127.0.0.1:{p2}"));
     if system == "proxy-hwm" {
         let (from_publishers, to_subscribers) = ZBROKER_HWM;
-        cmd.arg(from_publishers.to_string()).arg(to_subscribers.to_string());
+        cmd.arg(from_publishers.to_string())
+            .arg(to_subscribers.to_string());
     }
     spawn(system, cmd, vec![p1, p2], &[p1, p2], env)
 }
@@ -300,7 +310,10 @@ pub fn version_of(system: &str, env: &Env) -> String {
     };
     let (maj, min, pat) = zmq::version();
     match system {
-        s if is_zbroker(s) => format!("{} (libzmq {maj}.{min}.{pat})", run(&env.zbroker, &["--version"])),
+        s if is_zbroker(s) => format!(
+            "{} (libzmq {maj}.{min}.{pat})",
+            run(&env.zbroker, &["--version"])
+        ),
         s if s == "direct" || is_proxy(s) => format!("libzmq {maj}.{min}.{pat}"),
         "redis" => run(Path::new("redis-server"), &["--version"]),
         "nats" => run(Path::new("nats-server"), &["--version"]),

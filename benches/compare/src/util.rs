@@ -80,7 +80,9 @@ pub fn wait_port(port: u16, timeout: Duration) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!("nothing listens on 127.0.0.1:{port} after {timeout:?}"));
+            return Err(format!(
+                "nothing listens on 127.0.0.1:{port} after {timeout:?}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -150,7 +152,11 @@ impl Ctx {
         // SAFETY: valid context; a non-null result is a fresh socket we own.
         unsafe {
             let s = zmq_sys::zmq_socket(self.raw, raw_kind as i32);
-            assert!(!s.is_null(), "zmq_socket: {}", zmq::Error::from_raw(zmq_sys::zmq_errno()));
+            assert!(
+                !s.is_null(),
+                "zmq_socket: {}",
+                zmq::Error::from_raw(zmq_sys::zmq_errno())
+            );
             let s = zmq::Socket::from_raw(s);
             s.set_linger(0).expect("set linger");
             s

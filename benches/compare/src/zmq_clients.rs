@@ -74,7 +74,11 @@ pub fn open(
     let mut direct_endpoints = Vec::new();
     let zbroker = is_zbroker(system);
     for p in 0..wl.pubs {
-        let topics = wl.warm_topics(p).into_iter().map(String::into_bytes).collect();
+        let topics = wl
+            .warm_topics(p)
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
         let sock = match system {
             _ if zbroker => {
                 let s = pub_ctx.socket(zmq::PUSH);
@@ -190,16 +194,24 @@ pub fn open(
 }
 
 /// Reads zbroker's replies until every `SUB` is answered `OK`.
-fn wait_oks(wl: &Workload, socks: &[(usize, zmq::Socket)], timeout: Duration) -> Result<(), String> {
+fn wait_oks(
+    wl: &Workload,
+    socks: &[(usize, zmq::Socket)],
+    timeout: Duration,
+) -> Result<(), String> {
     let mut missing: Vec<usize> = socks.iter().map(|(s, _)| wl.sub_topics(*s).len()).collect();
     let mut left: usize = missing.iter().sum();
     let deadline = Instant::now() + timeout;
     while left > 0 {
         if Instant::now() > deadline {
-            return Err(format!("zbroker: {left} SUB commands unanswered after {timeout:?}"));
+            return Err(format!(
+                "zbroker: {left} SUB commands unanswered after {timeout:?}"
+            ));
         }
-        let mut items: Vec<zmq::PollItem> =
-            socks.iter().map(|(_, s)| s.as_poll_item(zmq::POLLIN)).collect();
+        let mut items: Vec<zmq::PollItem> = socks
+            .iter()
+            .map(|(_, s)| s.as_poll_item(zmq::POLLIN))
+            .collect();
         zmq::poll(&mut items, 100).map_err(zerr("poll"))?;
         for (i, item) in items.iter().enumerate() {
             if !item.is_readable() {
@@ -212,8 +224,10 @@ fn wait_oks(wl: &Workload, socks: &[(usize, zmq::Socket)], timeout: Duration) ->
                         left -= 1;
                     }
                     Some(b"ERR") => {
-                        let text: Vec<String> =
-                            parts.iter().map(|p| String::from_utf8_lossy(p).into()).collect();
+                        let text: Vec<String> = parts
+                            .iter()
+                            .map(|p| String::from_utf8_lossy(p).into())
+                            .collect();
                         return Err(format!("zbroker refused a SUB: {text:?}"));
                     }
                     _ => {}
@@ -296,7 +310,12 @@ pub fn poller(group: Vec<(usize, zmq::Socket)>, proto: Proto, shared: &Shared, s
             }
             // Reading ZMQ_EVENTS re-arms the edge and tells whether more
             // input arrived meanwhile.
-            if more || sock.get_events().map(|e| e.contains(zmq::POLLIN)).unwrap_or(false) {
+            if more
+                || sock
+                    .get_events()
+                    .map(|e| e.contains(zmq::POLLIN))
+                    .unwrap_or(false)
+            {
                 next.push(i);
             } else {
                 queued[i] = false;
@@ -306,7 +325,8 @@ pub fn poller(group: Vec<(usize, zmq::Socket)>, proto: Proto, shared: &Shared, s
         next.clear();
         let timeout = if work.is_empty() { 50 } else { 0 };
         // SAFETY: events has room for its length.
-        let got = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout) };
+        let got =
+            unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout) };
         for e in events.iter().take(got.max(0) as usize) {
             let i = e.u64 as usize;
             if !queued[i] {
@@ -317,7 +337,12 @@ pub fn poller(group: Vec<(usize, zmq::Socket)>, proto: Proto, shared: &Shared, s
         if last_sweep.elapsed() > std::time::Duration::from_millis(100) {
             last_sweep = std::time::Instant::now();
             for (i, (_, sock)) in group.iter().enumerate() {
-                if !queued[i] && sock.get_events().map(|e| e.contains(zmq::POLLIN)).unwrap_or(false) {
+                if !queued[i]
+                    && sock
+                        .get_events()
+                        .map(|e| e.contains(zmq::POLLIN))
+                        .unwrap_or(false)
+                {
                     queued[i] = true;
                     work.push(i);
                 }
@@ -337,12 +362,13 @@ pub fn run_proxy(front: &str, back: &str, hwm: Option<(i32, i32)>) -> Result<(),
     let xsub = ctx.socket(zmq::XSUB).map_err(zerr("XSUB"))?;
     let xpub = ctx.socket(zmq::XPUB).map_err(zerr("XPUB"))?;
     if let Some((from_publishers, to_subscribers)) = hwm {
-        xsub.set_rcvhwm(from_publishers).map_err(zerr("set RCVHWM"))?;
-        xpub.set_sndhwm(to_subscribers).map_err(zerr("set SNDHWM"))?;
+        xsub.set_rcvhwm(from_publishers)
+            .map_err(zerr("set RCVHWM"))?;
+        xpub.set_sndhwm(to_subscribers)
+            .map_err(zerr("set SNDHWM"))?;
     }
     xsub.bind(front).map_err(zerr("bind XSUB"))?;
     xpub.bind(back).map_err(zerr("bind XPUB"))?;
     zmq::proxy(&xsub, &xpub).map_err(zerr("zmq_proxy"))?;
     Ok(())
 }
-
