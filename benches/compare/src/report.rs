@@ -562,7 +562,9 @@ fn plot_inner(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>
         .collect();
     let vmax = values.iter().cloned().fold(1e4, f64::max);
     let vmin = values.iter().cloned().fold(vmax, f64::min);
-    let ymax = 10f64.powf((vmax * 2.5).log10().ceil());
+    // A decade of headroom: the legend (one row per system) sits in it
+    // instead of over the right-hand bars.
+    let ymax = 10f64.powf((vmax * 2.5).log10().ceil() + 1.0);
     let ymin = 10f64.powf((vmin / 2.0).log10().floor()).max(100.0);
     let title = format!(
         "Delivered messages/s per subscriber (median of runs, log scale) — {} cores, loopback TCP",
@@ -619,7 +621,9 @@ fn plot_inner(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>
         for (x0, x1) in lossy {
             chart.draw_series(std::iter::once(Rectangle::new(
                 [(x0, ymin), (x1, ymin * 1.6)],
-                color.mix(0.35).filled(),
+                // An outline, not a paler fill: paler would read as the
+                // light variant of the same colour another system has.
+                color.stroke_width(2),
             )))?;
             let (px, py) = chart.backend_coord(&((x0 + x1) / 2.0, ymin * 1.7));
             root.draw(&Text::new(
