@@ -624,6 +624,7 @@ impl Session {
             .collect();
         let mut parts: Vec<Bytes> = frames.iter().map(|f| Bytes(Rc::from(&f[..]))).collect();
         let now = self.instant();
+        let was_staged = self.staged;
         let got = if staged {
             self.broker
                 .route_publish(None, &mut parts, count, now, &mut self.wire)
@@ -648,8 +649,14 @@ impl Session {
                 );
             }
         }
+        // `on_publish` sends what is staged dated at the last routing: now
+        // if this publish routed, else when the earlier ones were staged.
+        if !staged && was_staged && !matches!(got, Ok(n) if n > 0) {
+            self.dating = Some(self.staged_at);
+        }
         self.absorb(&Call::Publish);
         self.check();
+        self.dating = None;
     }
 
     fn flush(&mut self) {
