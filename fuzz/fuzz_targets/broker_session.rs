@@ -948,7 +948,10 @@ impl Session {
             } else {
                 0
             };
-            assert_eq!(sub.staged_bytes, own_staged_bytes, "peer {i}'s staged bytes");
+            assert_eq!(
+                sub.staged_bytes, own_staged_bytes,
+                "peer {i}'s staged bytes"
+            );
             staged_bytes += own_staged_bytes;
             let half = |bound: usize| bound.div_ceil(2).max(1);
             over_mark |= own_messages + sub.staged.len() >= half(queue.max_messages)
