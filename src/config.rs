@@ -57,12 +57,14 @@ pub struct Config {
     /// of the broker reading ahead of what its subscribers take (which, with
     /// a dropping overflow policy, only turns into drops).
     pub pub_hwm: i32,
-    /// libzmq's queue to each subscriber, in messages (`ZMQ_SNDHWM` and
-    /// `ZMQ_RCVHWM` on the ROUTER); beyond it deliveries wait in the broker's
-    /// own [`QueueConfig`] queue. libzmq lets a full pipe be refilled only
-    /// once all but 1,024 of its messages are sent (half, below 2,048), and
-    /// those must last until the broker's thread gets a core back: at 1,000
-    /// the I/O thread ran dry on a busy 2-core machine (BENCHMARKS.md).
+    /// libzmq's queue to each subscriber, in messages (`ZMQ_SNDHWM` on the
+    /// ROUTER); beyond it deliveries wait in the broker's own
+    /// [`QueueConfig`] queue. libzmq 4.3 lets a full pipe be refilled only
+    /// once its I/O thread has read half of it, and the other half must
+    /// last until the broker's thread gets a core back: at 1,000 the I/O
+    /// thread ran dry on a busy 2-core machine (BENCHMARKS.md). The
+    /// comparison harness gives libzmq's proxy the same depths
+    /// (`ZBROKER_HWM` in benches/compare/src/servers.rs): keep them in step.
     pub sub_hwm: i32,
     /// libzmq I/O threads (`ZMQ_IO_THREADS`), which encode, decode and do
     /// the socket system calls; connections are spread over them. One is
@@ -290,12 +292,11 @@ impl Config {
                 self.io_threads
             ));
         }
-        if self.pub_hwm < 1 || self.sub_hwm < 1 {
-            // libzmq reads 0 as "no limit": memory bounded by nothing.
-            return invalid(format!(
-                "pub_hwm {} and sub_hwm {} must be at least 1",
-                self.pub_hwm, self.sub_hwm
-            ));
+        for (name, hwm) in [("pub_hwm", self.pub_hwm), ("sub_hwm", self.sub_hwm)] {
+            if hwm < 1 {
+                // libzmq reads 0 as "no limit": memory bounded by nothing.
+                return invalid(format!("{name} {hwm} must be at least 1"));
+            }
         }
         if self.queue.max_messages == 0 || self.queue.max_bytes == 0 {
             return invalid("queue.max_messages and queue.max_bytes must be at least 1".into());

@@ -37,6 +37,12 @@ const SUBSCRIBER_MONITOR: Token = Token(6);
 /// that neither side waits long.
 const BATCH: usize = 512;
 
+/// libzmq's queue of commands from each subscriber (`ZMQ_RCVHWM` on the
+/// ROUTER). The loop reads commands every turn, so this fills only while
+/// the broker is starved; it bounds what one subscriber can have buffered
+/// then, and is not worth a setting.
+const COMMAND_HWM: i32 = 1000;
+
 /// Why the broker could not start or had to stop.
 #[derive(Debug)]
 pub enum ServerError {
@@ -444,7 +450,7 @@ impl Server {
             router.set_router_mandatory(true),
         )?;
         zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(config.sub_hwm))?;
-        zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(config.sub_hwm))?;
+        zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(COMMAND_HWM))?;
         let publisher_watch = Watch::attach(&context, &pull, "publishers")?;
         let subscriber_watch = Watch::attach(&context, &router, "subscribers")?;
         let sub_endpoint = bind(&router, "subscriber", &config.sub_bind)?;
