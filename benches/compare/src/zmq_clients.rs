@@ -22,7 +22,8 @@ pub const SUB_THREADS: usize = 2;
 /// High-water mark of every load-generator socket (publishers' SNDHWM,
 /// subscribers' RCVHWM), so the load generator itself never drops: what is
 /// lost is lost in the system under test. The brokers' own sockets keep
-/// their defaults (libzmq's 1,000; zbroker's `--hwm 1000` plus its queue).
+/// their defaults (libzmq's 1,000; zbroker's `--pub-hwm 1000` and
+/// `--sub-hwm 3000` plus its queue), or zbroker's for `proxy-hwm`.
 pub const CLIENT_HWM: i32 = 100_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -60,7 +61,7 @@ pub fn handles(system: &str) -> bool {
 }
 
 /// Opens publishers and subscribers for `system` (a zbroker configuration,
-/// "direct" or "proxy"); returns once every subscription is confirmed (zbroker) or
+/// "direct", "proxy" or "proxy-hwm"); returns once every subscription is confirmed (zbroker) or
 /// requested (the others; the warm-up then proves them).
 pub fn open(
     system: &str,
