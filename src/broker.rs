@@ -173,6 +173,14 @@ struct Mark {
     total_bytes: usize,
 }
 
+impl Mark {
+    /// Whether one subscriber holding `messages` messages of `bytes` bytes
+    /// (queued, and staged where they count) has reached it.
+    fn reached(&self, messages: usize, bytes: usize) -> bool {
+        messages >= self.messages || bytes >= self.bytes
+    }
+}
+
 impl Queues {
     fn new(config: &QueueConfig) -> Self {
         let mark = if config.policy == OverflowPolicy::Backpressure {
@@ -204,8 +212,10 @@ impl Queues {
     fn update_mark<P>(&mut self, sub: &mut Subscriber<P>) {
         // Saturating: forgetting a subscriber empties its queue before
         // accounting for the items one by one.
-        let over = sub.queue.len().saturating_sub(sub.queued_replies) >= self.mark.messages
-            || sub.queued_bytes >= self.mark.bytes;
+        let over = self.mark.reached(
+            sub.queue.len().saturating_sub(sub.queued_replies),
+            sub.queued_bytes,
+        );
         if over != sub.over_mark {
             sub.over_mark = over;
             if over {
@@ -544,9 +554,10 @@ impl<P: Payload> Broker<P> {
                 let mark = &self.queues.mark;
                 sub.staged_bytes += size;
                 staged.bytes += size;
-                if sub.staged.len() + sub.queue.len() - sub.queued_replies >= mark.messages
-                    || sub.queued_bytes + sub.staged_bytes >= mark.bytes
-                    || self.queues.bytes + staged.bytes >= mark.total_bytes
+                if mark.reached(
+                    sub.staged.len() + sub.queue.len() - sub.queued_replies,
+                    sub.queued_bytes + sub.staged_bytes,
+                ) || self.queues.bytes + staged.bytes >= mark.total_bytes
                 {
                     staged.over_mark = true;
                 }
