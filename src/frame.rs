@@ -20,7 +20,7 @@ pub struct Frame {
 // is sound (libzmq documents messages, unlike sockets, as movable).
 unsafe impl Send for Frame {}
 
-fn last_error() -> zmq::Error {
+pub(crate) fn last_error() -> zmq::Error {
     // SAFETY: zmq_errno only reads the calling thread's errno.
     zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() })
 }

@@ -167,6 +167,10 @@ struct RunArgs {
     /// libzmq's queue to each subscriber in messages, the ROUTER's SNDHWM [default: 3000].
     #[arg(long)]
     sub_hwm: Option<i32>,
+    /// Bytes libzmq reads from a publisher or writes to a subscriber per
+    /// system call, 1024 to 1048576 [default: 65536].
+    #[arg(long)]
+    io_batch: Option<i32>,
     /// libzmq I/O threads (encoding, decoding, socket calls), 1 to 64 [default: 1].
     #[arg(long)]
     io_threads: Option<i32>,
@@ -233,6 +237,7 @@ impl RunArgs {
         set(&mut c.queue.disconnect_after, &self.disconnect_after);
         set(&mut c.pub_hwm, &self.pub_hwm);
         set(&mut c.sub_hwm, &self.sub_hwm);
+        set(&mut c.io_batch, &self.io_batch);
         set(&mut c.io_threads, &self.io_threads);
         set(&mut c.linger, &self.linger);
         c.validate()?;

@@ -8,6 +8,7 @@
 //! `ZMQ_EVENTS` of both sockets (which also re-arms the edge). Skipping that
 //! check stalls the broker with messages waiting.
 
+use std::ffi::c_int;
 use std::fmt;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +43,12 @@ const BATCH: usize = 512;
 /// the broker is starved; it bounds what one subscriber can have buffered
 /// then, and is not worth a setting.
 const COMMAND_HWM: i32 = 1000;
+
+/// libzmq's DRAFT batch-size options (zmq.h); the `zmq` crate has no setter
+/// for them, and only a libzmq built with the DRAFT API knows them
+/// (vendor/zmq-sys builds one).
+const ZMQ_IN_BATCH_SIZE: c_int = 101;
+const ZMQ_OUT_BATCH_SIZE: c_int = 102;
 
 /// Why the broker could not start or had to stop.
 #[derive(Debug)]
@@ -396,6 +403,32 @@ fn set_common_options(
     Ok(())
 }
 
+/// Sets `ZMQ_IN_BATCH_SIZE` or `ZMQ_OUT_BATCH_SIZE`.
+fn set_batch_size(socket: &mut zmq::Socket, option: c_int, bytes: i32) -> Result<(), ServerError> {
+    let what = if option == ZMQ_IN_BATCH_SIZE {
+        "set ZMQ_IN_BATCH_SIZE (needs libzmq's DRAFT API)"
+    } else {
+        "set ZMQ_OUT_BATCH_SIZE (needs libzmq's DRAFT API)"
+    };
+    let value: c_int = bytes;
+    // SAFETY: the socket handle is live for as long as `socket` is, and
+    // libzmq reads exactly `size_of::<c_int>()` bytes from `value`, which
+    // outlives the call.
+    let rc = unsafe {
+        zmq_sys::zmq_setsockopt(
+            socket.as_mut_ptr(),
+            option,
+            (&value as *const c_int).cast(),
+            std::mem::size_of::<c_int>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(ServerError::Zmq(what, crate::frame::last_error()))
+    }
+}
+
 fn bind(socket: &zmq::Socket, role: &'static str, endpoint: &str) -> Result<String, ServerError> {
     socket.bind(endpoint).map_err(|source| ServerError::Bind {
         role,
@@ -435,12 +468,13 @@ impl Server {
             }
             None => None,
         };
-        let pull = zmq_call("create the PULL socket", context.socket(zmq::PULL))?;
+        let mut pull = zmq_call("create the PULL socket", context.socket(zmq::PULL))?;
         set_common_options(&pull, &config, security.as_ref(), auth::PUBLISHER_DOMAIN)?;
         zmq_call("set ZMQ_RCVHWM", pull.set_rcvhwm(config.pub_hwm))?;
+        set_batch_size(&mut pull, ZMQ_IN_BATCH_SIZE, config.io_batch)?;
         let pub_endpoint = bind(&pull, "publisher", &config.pub_bind)?;
 
-        let router = zmq_call("create the ROUTER socket", context.socket(zmq::ROUTER))?;
+        let mut router = zmq_call("create the ROUTER socket", context.socket(zmq::ROUTER))?;
         set_common_options(&router, &config, security.as_ref(), auth::SUBSCRIBER_DOMAIN)?;
         // Without MANDATORY, ROUTER silently drops what it cannot send; with
         // it, a full pipe is EAGAIN (queue and retry) and a vanished peer is
@@ -451,6 +485,7 @@ impl Server {
         )?;
         zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(config.sub_hwm))?;
         zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(COMMAND_HWM))?;
+        set_batch_size(&mut router, ZMQ_OUT_BATCH_SIZE, config.io_batch)?;
         let publisher_watch = Watch::attach(&context, &pull, "publishers")?;
         let subscriber_watch = Watch::attach(&context, &router, "subscribers")?;
         let sub_endpoint = bind(&router, "subscriber", &config.sub_bind)?;

@@ -1,16 +1,52 @@
-pub fn configure() {
+//! zbroker's one change to zmq-sys 0.12.0: how libzmq is built.
+//!
+//! Published zmq-sys compiles libzmq 4.3.4 (the `zeromq-src` crate) without
+//! the DRAFT API and without CURVE. zbroker needs both:
+//!
+//! - the DRAFT socket options `ZMQ_IN_BATCH_SIZE` / `ZMQ_OUT_BATCH_SIZE`,
+//!   which set how many bytes libzmq moves per `recv()`/`send()` system call
+//!   (8 KiB when unset; see BENCHMARKS.md for what larger batches buy);
+//! - CURVE encryption and authentication, which libzmq only offers when it
+//!   is linked with libsodium. We link the system's static libsodium, found
+//!   through pkg-config (Debian: `libsodium-dev`), rather than libzmq's
+//!   unaudited tweetnacl fallback.
+//!
+//! The DRAFT API adds sockets and options; it changes none of the stable
+//! API's behaviour.
+
+fn main() {
     println!("cargo:rerun-if-changed=build/main.rs");
     println!("cargo:rerun-if-env-changed=PROFILE");
 
-    // Note that by default `libzmq` builds without `libsodium` by instead
-    // relying on `tweetnacl`. However since this `tweetnacl` [has never been
-    // audited nor is ready for production](https://github.com/zeromq/libzmq/issues/3006),
-    // we link against `libsodium` to enable `ZMQ_CURVE`.
-    zeromq_src::Build::new()
-        .with_libsodium(None)
-        .build();
-}
+    let sodium = match pkg_config::Config::new()
+        .statik(true)
+        .cargo_metadata(false)
+        .probe("libsodium")
+    {
+        Ok(sodium) => sodium,
+        Err(e) => panic!(
+            "libzmq is built with CURVE, which needs libsodium and pkg-config \
+             (Debian: `apt-get install libsodium-dev pkg-config`, or run \
+             scripts/deps): {}",
+            e
+        ),
+    };
+    let lib_dir = sodium
+        .link_paths
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "/usr/lib".into());
+    let include_dir = sodium
+        .include_paths
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "/usr/include".into());
 
-fn main() {
-    configure()
+    // zeromq-src prints this search path quoted (`{:?}`), which rustc does
+    // not understand, so the static libsodium would not be found.
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    zeromq_src::Build::new()
+        .enable_draft(true)
+        .with_libsodium(Some(zeromq_src::LibLocation::new(lib_dir, include_dir)))
+        .build();
 }
