@@ -11,7 +11,8 @@
 //!
 //! Systems (`--systems`, default all): zbroker, zbroker-bp (the same binary
 //! and clients, broker run with `--overflow backpressure`), direct, proxy,
-//! proxy-hwm (the proxy with zbroker's default libzmq queue depths), redis,
+//! proxy-tuned (the proxy with zbroker's default libzmq queue depths and batch
+//! sizes), redis,
 //! nats, mosquitto. The scale test runs zbroker only.
 
 mod async_clients;
@@ -37,7 +38,7 @@ pub const SYSTEMS: [&str; 8] = [
     "zbroker-bp",
     "direct",
     "proxy",
-    "proxy-hwm",
+    "proxy-tuned",
     "redis",
     "nats",
     "mosquitto",
@@ -295,11 +296,20 @@ fn main() -> ExitCode {
         "report" => report_cmd(Args { words }),
         "proxy" => match words.as_slice() {
             [front, back] => zmq_clients::run_proxy(front, back, None),
-            [front, back, pub_hwm, sub_hwm] => match (pub_hwm.parse(), sub_hwm.parse()) {
-                (Ok(p), Ok(s)) => zmq_clients::run_proxy(front, back, Some((p, s))),
-                _ => Err(format!("bad high-water marks {pub_hwm} {sub_hwm}")),
-            },
-            _ => Err("usage: compare proxy FRONT BACK [PUB_HWM SUB_HWM]".into()),
+            [front, back, pub_hwm, sub_hwm, io_batch] => {
+                match (pub_hwm.parse(), sub_hwm.parse(), io_batch.parse()) {
+                    (Ok(pub_hwm), Ok(sub_hwm), Ok(io_batch)) => {
+                        let tuning = servers::ProxyTuning {
+                            pub_hwm,
+                            sub_hwm,
+                            io_batch,
+                        };
+                        zmq_clients::run_proxy(front, back, Some(tuning))
+                    }
+                    _ => Err(format!("bad settings {pub_hwm} {sub_hwm} {io_batch}")),
+                }
+            }
+            _ => Err("usage: compare proxy FRONT BACK [PUB_HWM SUB_HWM IO_BATCH]".into()),
         },
         "scale-subs" => match words.as_slice() {
             [ep, first, count, per] => (|| {

@@ -49,7 +49,7 @@ pub fn display_name(system: &str) -> &str {
         "zbroker-bp" => "zbroker (backpressure)",
         "direct" => "direct libzmq",
         "proxy" => "libzmq proxy",
-        "proxy-hwm" => "libzmq proxy (zbroker's HWMs)",
+        "proxy-tuned" => "libzmq proxy (zbroker's settings)",
         "redis" => "Redis",
         "nats" => "NATS",
         "mosquitto" => "Mosquitto",
@@ -506,14 +506,14 @@ fn axis_label(v: f64) -> String {
 }
 
 const COLORS: [(&str, RGBColor); 8] = [
-    ("zbroker", RGBColor(0xd6, 0x27, 0x28)),    // red
-    ("zbroker-bp", RGBColor(0xff, 0x98, 0x96)), // light red
-    ("direct", RGBColor(0x7f, 0x7f, 0x7f)),     // grey
-    ("proxy", RGBColor(0x1f, 0x77, 0xb4)),      // blue
-    ("proxy-hwm", RGBColor(0xae, 0xc7, 0xe8)),  // light blue
-    ("redis", RGBColor(0xff, 0x7f, 0x0e)),      // orange
-    ("nats", RGBColor(0x2c, 0xa0, 0x2c)),       // green
-    ("mosquitto", RGBColor(0x94, 0x67, 0xbd)),  // purple
+    ("zbroker", RGBColor(0xd6, 0x27, 0x28)),     // red
+    ("zbroker-bp", RGBColor(0xff, 0x98, 0x96)),  // light red
+    ("direct", RGBColor(0x7f, 0x7f, 0x7f)),      // grey
+    ("proxy", RGBColor(0x1f, 0x77, 0xb4)),       // blue
+    ("proxy-tuned", RGBColor(0xae, 0xc7, 0xe8)), // light blue
+    ("redis", RGBColor(0xff, 0x7f, 0x0e)),       // orange
+    ("nats", RGBColor(0x2c, 0xa0, 0x2c)),        // green
+    ("mosquitto", RGBColor(0x94, 0x67, 0xbd)),   // purple
 ];
 
 fn color_of(system: &str) -> RGBColor {

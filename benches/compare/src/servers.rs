@@ -196,17 +196,34 @@ pub fn zbroker_with(env: &Env, system: &str, config: Option<&Path>) -> Result<Se
     spawn(system, cmd, vec![p1, p2], &[p1, p2], env)
 }
 
-/// zbroker's default `--pub-hwm` and `--sub-hwm` (src/config.rs), which the
-/// `proxy-hwm` system gives libzmq's proxy too.
-pub const ZBROKER_HWM: (i32, i32) = (1000, 3000);
+/// zbroker's default libzmq settings (src/config.rs), which the
+/// `proxy-tuned` system gives libzmq's proxy too.
+pub const ZBROKER_LIBZMQ: ProxyTuning = ProxyTuning {
+    pub_hwm: 1000,
+    sub_hwm: 3000,
+    io_batch: 65536,
+};
+
+/// libzmq settings for the proxy's two sockets, as zbroker sets them on its
+/// own: the queue depths from publishers and to subscribers, and the bytes
+/// moved per system call on the message path.
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyTuning {
+    /// XSUB `ZMQ_RCVHWM` (zbroker `--pub-hwm`).
+    pub pub_hwm: i32,
+    /// XPUB `ZMQ_SNDHWM` (zbroker `--sub-hwm`).
+    pub sub_hwm: i32,
+    /// XSUB `ZMQ_IN_BATCH_SIZE` and XPUB `ZMQ_OUT_BATCH_SIZE` (zbroker `--io-batch`).
+    pub io_batch: i32,
+}
 
 /// Whether `system` is libzmq's proxy (in any configuration).
 pub fn is_proxy(system: &str) -> bool {
-    matches!(system, "proxy" | "proxy-hwm")
+    matches!(system, "proxy" | "proxy-tuned")
 }
 
 /// libzmq's XSUB/XPUB proxy as `system`, in this harness's `proxy` sub-mode:
-/// libzmq's default queue depths, or zbroker's as `proxy-hwm`.
+/// libzmq's defaults, or zbroker's libzmq settings as `proxy-tuned`.
 pub fn proxy(env: &Env, system: &str) -> Result<Server, String> {
     let (p1, p2) = (free_port(), free_port());
     let mut cmd = Command::new(&env.harness);
@@ -221,10 +238,9 @@ pub fn proxy(env: &Env, system: &str) -> Result<Server, String> {
     cmd.arg("proxy")
         .arg(format!("tcp://127.0.0.1:{p1}"))
         .arg(format!("tcp://127.0.0.1:{p2}"));
-    if system == "proxy-hwm" {
-        let (from_publishers, to_subscribers) = ZBROKER_HWM;
-        cmd.arg(from_publishers.to_string())
-            .arg(to_subscribers.to_string());
+    if system == "proxy-tuned" {
+        let t = ZBROKER_LIBZMQ;
+        cmd.args([t.pub_hwm, t.sub_hwm, t.io_batch].map(|v| v.to_string()));
     }
     spawn(system, cmd, vec![p1, p2], &[p1, p2], env)
 }

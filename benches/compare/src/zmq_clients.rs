@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use crate::servers::{Server, is_proxy, is_zbroker};
+use crate::servers::{ProxyTuning, Server, is_proxy, is_zbroker};
 use crate::session::{PubSink, Subs};
 use crate::shared::Shared;
 use crate::util::{Ctx, free_port, now_ns};
@@ -23,7 +23,7 @@ pub const SUB_THREADS: usize = 2;
 /// subscribers' RCVHWM), so the load generator itself never drops: what is
 /// lost is lost in the system under test. The brokers' own sockets keep
 /// their defaults (libzmq's 1,000; zbroker's `--pub-hwm 1000` and
-/// `--sub-hwm 3000` plus its queue), or zbroker's for `proxy-hwm`.
+/// `--sub-hwm 3000` plus its queue), or zbroker's for `proxy-tuned`.
 pub const CLIENT_HWM: i32 = 100_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub fn handles(system: &str) -> bool {
 }
 
 /// Opens publishers and subscribers for `system` (a zbroker configuration,
-/// "direct", "proxy" or "proxy-hwm"); returns once every subscription is confirmed (zbroker) or
+/// "direct", "proxy" or "proxy-tuned"); returns once every subscription is confirmed (zbroker) or
 /// requested (the others; the warm-up then proves them).
 pub fn open(
     system: &str,
@@ -354,22 +354,48 @@ pub fn poller(group: Vec<(usize, zmq::Socket)>, proto: Proto, shared: &Shared, s
     unsafe { libc::close(ep) };
 }
 
-/// `compare proxy FRONT BACK [PUB_HWM SUB_HWM]`: libzmq's XSUB/XPUB proxy as a process
-/// of its own, so its CPU time and memory are measured like a broker's;
-/// with `hwm`, the queues from publishers and to subscribers get zbroker's
-/// depths instead of libzmq's default 1,000.
-pub fn run_proxy(front: &str, back: &str, hwm: Option<(i32, i32)>) -> Result<(), String> {
+/// `compare proxy FRONT BACK [PUB_HWM SUB_HWM IO_BATCH]`: libzmq's XSUB/XPUB
+/// proxy as a process of its own, so its CPU time and memory are measured
+/// like a broker's; with `tuning`, its sockets get zbroker's libzmq settings
+/// instead of libzmq's defaults (1,000-message queues, 8 KiB batches).
+pub fn run_proxy(front: &str, back: &str, tuning: Option<ProxyTuning>) -> Result<(), String> {
     let ctx = zmq::Context::new();
-    let xsub = ctx.socket(zmq::XSUB).map_err(zerr("XSUB"))?;
-    let xpub = ctx.socket(zmq::XPUB).map_err(zerr("XPUB"))?;
-    if let Some((from_publishers, to_subscribers)) = hwm {
-        xsub.set_rcvhwm(from_publishers)
-            .map_err(zerr("set RCVHWM"))?;
-        xpub.set_sndhwm(to_subscribers)
-            .map_err(zerr("set SNDHWM"))?;
+    let mut xsub = ctx.socket(zmq::XSUB).map_err(zerr("XSUB"))?;
+    let mut xpub = ctx.socket(zmq::XPUB).map_err(zerr("XPUB"))?;
+    if let Some(t) = tuning {
+        xsub.set_rcvhwm(t.pub_hwm).map_err(zerr("set RCVHWM"))?;
+        xpub.set_sndhwm(t.sub_hwm).map_err(zerr("set SNDHWM"))?;
+        set_int_option(&mut xsub, ZMQ_IN_BATCH_SIZE, t.io_batch)
+            .map_err(zerr("set ZMQ_IN_BATCH_SIZE"))?;
+        set_int_option(&mut xpub, ZMQ_OUT_BATCH_SIZE, t.io_batch)
+            .map_err(zerr("set ZMQ_OUT_BATCH_SIZE"))?;
     }
     xsub.bind(front).map_err(zerr("bind XSUB"))?;
     xpub.bind(back).map_err(zerr("bind XPUB"))?;
     zmq::proxy(&xsub, &xpub).map_err(zerr("zmq_proxy"))?;
     Ok(())
+}
+
+/// libzmq's DRAFT batch-size options (zmq.h), which the `zmq` crate has no
+/// setter for; vendor/zmq-sys builds libzmq with them.
+const ZMQ_IN_BATCH_SIZE: i32 = 101;
+const ZMQ_OUT_BATCH_SIZE: i32 = 102;
+
+fn set_int_option(socket: &mut zmq::Socket, option: i32, value: i32) -> zmq::Result<()> {
+    // SAFETY: the handle is live while `socket` is, and libzmq reads exactly
+    // `size_of::<i32>()` bytes from `value`, which outlives the call.
+    let rc = unsafe {
+        zmq_sys::zmq_setsockopt(
+            socket.as_mut_ptr(),
+            option,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: zmq_errno only reads the calling thread's errno.
+        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
 }
