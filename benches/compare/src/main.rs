@@ -97,7 +97,6 @@ fn machine_meta(env: &servers::Env, systems: &[String], command: String, setting
         })
         .unwrap_or_default();
     let (a, b, c) = zmq::version();
-    let libzmq_pkg = sh("dpkg-query", &["-W", "-f=${Version}", "libzmq5"]);
     Meta {
         command,
         date: sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -106,7 +105,11 @@ fn machine_meta(env: &servers::Env, systems: &[String], command: String, setting
             .unwrap_or(0),
         cpu_model,
         kernel: sh("uname", &["-r"]),
-        libzmq: format!("{a}.{b}.{c} (Debian libzmq5 {libzmq_pkg})"),
+        libzmq: format!(
+            "{a}.{b}.{c} (built by vendor/zmq-sys; DRAFT API: {}, CURVE: {})",
+            yes_no(zmq::has("draft")),
+            yes_no(zmq::has("curve"))
+        ),
         rustc: sh("rustc", &["--version"]),
         versions: systems
             .iter()
@@ -326,5 +329,13 @@ fn main() -> ExitCode {
             eprintln!("compare {mode}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn yes_no(capability: Option<bool>) -> &'static str {
+    if capability == Some(true) {
+        "yes"
+    } else {
+        "no"
     }
 }
