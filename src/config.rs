@@ -70,7 +70,7 @@ pub struct Config {
     /// PULL's `ZMQ_IN_BATCH_SIZE` (reads from each publisher) and the
     /// ROUTER's `ZMQ_OUT_BATCH_SIZE` (writes to each subscriber). libzmq's
     /// own default is 8 KiB; at 64 KiB, 1→1 with 1 KiB messages ran about
-    /// 25 % faster on 30 % less broker CPU per message, and raising only one
+    /// 20 % faster on 30 % less broker CPU per message, and raising only one
     /// side did not help (BENCHMARKS.md). What it costs: each subscriber
     /// connection has an encoder buffer this large (its pages are touched
     /// only as far as batches fill it), and a received message of more than
