@@ -31,22 +31,29 @@ fn main() {
             e
         ),
     };
-    let lib_dir = sodium
-        .link_paths
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "/usr/lib".into());
+    let lib_dir = match sodium.link_paths.first() {
+        Some(dir) => dir.clone(),
+        None => panic!(
+            "pkg-config names no library directory for libsodium; set \
+             PKG_CONFIG_PATH to a libsodium.pc that does"
+        ),
+    };
     let include_dir = sodium
         .include_paths
         .first()
         .cloned()
         .unwrap_or_else(|| "/usr/include".into());
 
-    // zeromq-src prints this search path quoted (`{:?}`), which rustc does
-    // not understand, so the static libsodium would not be found.
-    println!("cargo:rustc-link-search=native={}", lib_dir.display());
     zeromq_src::Build::new()
         .enable_draft(true)
-        .with_libsodium(Some(zeromq_src::LibLocation::new(lib_dir, include_dir)))
+        .with_libsodium(Some(zeromq_src::LibLocation::new(
+            lib_dir.clone(),
+            include_dir,
+        )))
         .build();
+    // zeromq-src prints libsodium's search path quoted (`{:?}`), which rustc
+    // does not understand, so it is printed again here. After the build, so
+    // that the directory of the libzmq just built comes first: the system
+    // directory may hold another libzmq.a (Debian's libzmq3-dev, no DRAFT).
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
 }
