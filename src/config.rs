@@ -75,8 +75,9 @@ pub struct Config {
     /// connection has an encoder buffer this large (its pages are touched
     /// only as far as batches fill it), and a received message of more than
     /// 33 bytes shares the buffer it was read into, so a message queued
-    /// for a slow subscriber can keep up to this many bytes alive. The
-    /// harness gives libzmq's proxy this too (`ZBROKER_LIBZMQ`).
+    /// for a slow subscriber can keep that whole buffer alive: with libzmq's
+    /// per-message bookkeeping about 2.2 times this many bytes. The harness
+    /// gives libzmq's proxy this too (`ZBROKER_LIBZMQ`).
     pub io_batch: i32,
     /// libzmq I/O threads (`ZMQ_IO_THREADS`), which encode, decode and do
     /// the socket system calls; connections are spread over them. One is
