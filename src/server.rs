@@ -862,3 +862,45 @@ fn receive_rest(
     }
     Ok(count)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn int_option(socket: &mut zmq::Socket, option: c_int) -> c_int {
+        let mut value: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>();
+        // SAFETY: the handle is live while `socket` is; libzmq writes at
+        // most `len` bytes into `value` and the new length into `len`.
+        let rc = unsafe {
+            zmq_sys::zmq_getsockopt(
+                socket.as_mut_ptr(),
+                option,
+                (&mut value as *mut c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "zmq_getsockopt({option}): {}",
+            crate::frame::last_error()
+        );
+        value
+    }
+
+    #[test]
+    fn io_batch_is_set_where_messages_flow_and_only_there() {
+        let config = Config {
+            pub_bind: "tcp://127.0.0.1:*".into(),
+            sub_bind: "tcp://127.0.0.1:*".into(),
+            io_batch: 24_576,
+            ..Config::default()
+        };
+        let mut server = Server::bind(config).expect("bind the broker");
+        assert_eq!(int_option(&mut server.pull, ZMQ_IN_BATCH_SIZE), 24_576);
+        assert_eq!(int_option(&mut server.router, ZMQ_OUT_BATCH_SIZE), 24_576);
+        // Subscriber commands are small and few: libzmq's default stays.
+        assert_eq!(int_option(&mut server.router, ZMQ_IN_BATCH_SIZE), 8192);
+    }
+}
