@@ -403,14 +403,8 @@ fn set_common_options(
     Ok(())
 }
 
-/// Sets `ZMQ_IN_BATCH_SIZE` or `ZMQ_OUT_BATCH_SIZE`.
-fn set_batch_size(socket: &mut zmq::Socket, option: c_int, bytes: i32) -> Result<(), ServerError> {
-    let what = if option == ZMQ_IN_BATCH_SIZE {
-        "set ZMQ_IN_BATCH_SIZE (needs libzmq's DRAFT API)"
-    } else {
-        "set ZMQ_OUT_BATCH_SIZE (needs libzmq's DRAFT API)"
-    };
-    let value: c_int = bytes;
+/// Sets an `int` socket option the `zmq` crate has no setter for.
+fn set_int_option(socket: &mut zmq::Socket, option: c_int, value: c_int) -> zmq::Result<()> {
     // SAFETY: the socket handle is live for as long as `socket` is, and
     // libzmq reads exactly `size_of::<c_int>()` bytes from `value`, which
     // outlives the call.
@@ -425,7 +419,7 @@ fn set_batch_size(socket: &mut zmq::Socket, option: c_int, bytes: i32) -> Result
     if rc == 0 {
         Ok(())
     } else {
-        Err(ServerError::Zmq(what, crate::frame::last_error()))
+        Err(crate::frame::last_error())
     }
 }
 
@@ -471,7 +465,10 @@ impl Server {
         let mut pull = zmq_call("create the PULL socket", context.socket(zmq::PULL))?;
         set_common_options(&pull, &config, security.as_ref(), auth::PUBLISHER_DOMAIN)?;
         zmq_call("set ZMQ_RCVHWM", pull.set_rcvhwm(config.pub_hwm))?;
-        set_batch_size(&mut pull, ZMQ_IN_BATCH_SIZE, config.io_batch)?;
+        zmq_call(
+            "set ZMQ_IN_BATCH_SIZE (needs libzmq's DRAFT API)",
+            set_int_option(&mut pull, ZMQ_IN_BATCH_SIZE, config.io_batch),
+        )?;
         let pub_endpoint = bind(&pull, "publisher", &config.pub_bind)?;
 
         let mut router = zmq_call("create the ROUTER socket", context.socket(zmq::ROUTER))?;
@@ -485,7 +482,10 @@ impl Server {
         )?;
         zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(config.sub_hwm))?;
         zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(COMMAND_HWM))?;
-        set_batch_size(&mut router, ZMQ_OUT_BATCH_SIZE, config.io_batch)?;
+        zmq_call(
+            "set ZMQ_OUT_BATCH_SIZE (needs libzmq's DRAFT API)",
+            set_int_option(&mut router, ZMQ_OUT_BATCH_SIZE, config.io_batch),
+        )?;
         let publisher_watch = Watch::attach(&context, &pull, "publishers")?;
         let subscriber_watch = Watch::attach(&context, &router, "subscribers")?;
         let sub_endpoint = bind(&router, "subscriber", &config.sub_bind)?;
