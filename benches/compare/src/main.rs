@@ -5,15 +5,14 @@
 //!             [--quick] [--no-scale] [--out results.json] [--md BENCHMARKS.md]
 //!             [--png docs/compare.png] [--work DIR] [--command TEXT]
 //! compare report --results results.json --md BENCHMARKS.md --png docs/compare.png
-//! compare proxy FRONT BACK [PUB_HWM SUB_HWM]  (libzmq XSUB/XPUB proxy process)
+//! compare proxy FRONT BACK [PUB_HWM SUB_HWM IO_BATCH]  (libzmq XSUB/XPUB proxy process)
 //! compare scale-subs ENDPOINT FIRST COUNT PER   (scale-test subscribers)
 //! ```
 //!
 //! Systems (`--systems`, default all): zbroker, zbroker-bp (the same binary
 //! and clients, broker run with `--overflow backpressure`), direct, proxy,
 //! proxy-tuned (the proxy with zbroker's default libzmq queue depths and batch
-//! sizes), redis,
-//! nats, mosquitto. The scale test runs zbroker only.
+//! sizes), redis, nats, mosquitto. The scale test runs zbroker only.
 
 mod async_clients;
 mod bench;
