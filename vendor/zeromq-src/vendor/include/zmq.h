@@ -684,6 +684,28 @@ ZMQ_EXPORT void zmq_threadclose (void *thread_);
 #define ZMQ_DISCONNECT_MSG 111
 #define ZMQ_PRIORITY 112
 
+/*  zbroker's own socket options and monitor event (this build only; see
+    vendor/zmq-sys/README.md in the zbroker repository).                     */
+/*  int: most parts one received message may have; larger disconnects the
+    peer with ZMQ_EVENT_ZBROKER_REFUSED (value 2). -1 (default): no limit.   */
+#define ZMQ_ZBROKER_MAXMSGPARTS 1001
+/*  int64: most bytes queued in each outbound / inbound pipe of the socket,
+    on top of ZMQ_SNDHWM / ZMQ_RCVHWM's message counts. -1 (default): none. */
+#define ZMQ_ZBROKER_SNDHWM_BYTES 1002
+#define ZMQ_ZBROKER_RCVHWM_BYTES 1003
+/*  int: most live connections per bound endpoint; one more is accepted and
+    closed at once (ZMQ_EVENT_ZBROKER_REFUSED, value 3). -1: no limit.      */
+#define ZMQ_ZBROKER_MAX_CONNECTIONS 1004
+/*  int64, read only: bytes queued now in the socket's outbound pipes.      */
+#define ZMQ_ZBROKER_OUT_BYTES 1005
+/*  Monitor event: a peer was refused. Value: 1 a part over ZMQ_MAXMSGSIZE,
+    2 a message over ZMQ_ZBROKER_MAXMSGPARTS parts, 3 a connection over
+    ZMQ_ZBROKER_MAX_CONNECTIONS.                                            */
+#define ZMQ_EVENT_ZBROKER_REFUSED 0x8000
+#define ZMQ_ZBROKER_REFUSED_MSGSIZE 1
+#define ZMQ_ZBROKER_REFUSED_PARTS 2
+#define ZMQ_ZBROKER_REFUSED_CONNECTIONS 3
+
 /*  DRAFT ZMQ_RECONNECT_STOP options                                          */
 #define ZMQ_RECONNECT_STOP_CONN_REFUSED 0x1
 #define ZMQ_RECONNECT_STOP_HANDSHAKE_FAILED 0x2

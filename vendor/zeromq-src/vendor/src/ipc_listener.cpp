@@ -90,10 +90,11 @@ void zmq::ipc_listener_t::in_event ()
     //  If connection was reset by the peer in the meantime, just ignore it.
     //  TODO: Handle specific errors like ENFILE/EMFILE etc.
     if (fd == retired_fd) {
-        _socket->event_accept_failed (
-          make_unconnected_bind_endpoint_pair (_endpoint), zmq_errno ());
+        accept_failed (zmq_errno ());
         return;
     }
+    if (refuse_over_cap (fd))
+        return;
 
     //  Create the engine object for this connection.
     create_engine (fd);

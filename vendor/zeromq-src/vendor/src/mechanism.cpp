@@ -264,8 +264,15 @@ int zmq::mechanism_t::parse_metadata (const unsigned char *ptr_,
         ptr_ += value_length;
         bytes_left -= value_length;
 
-        if (name == ZMTP_PROPERTY_IDENTITY && options.recv_routing_id)
+        if (name == ZMTP_PROPERTY_IDENTITY && options.recv_routing_id) {
+            //  zbroker: a routing id starting with 0x00 could collide with
+            //  the ids a ROUTER generates; refuse the peer at the handshake.
+            if (value_length > 0 && value[0] == 0) {
+                errno = EINVAL;
+                return -1;
+            }
             set_peer_routing_id (value, value_length);
+        }
         else if (name == ZMTP_PROPERTY_SOCKET_TYPE) {
             if (!check_socket_type (reinterpret_cast<const char *> (value),
                                     value_length)) {

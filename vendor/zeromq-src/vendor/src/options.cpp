@@ -247,6 +247,10 @@ zmq::options_t::options_t () :
     multicast_loop (true),
     in_batch_size (8192),
     out_batch_size (8192),
+    zbroker_max_msg_parts (-1),
+    zbroker_sndhwm_bytes (-1),
+    zbroker_rcvhwm_bytes (-1),
+    zbroker_max_connections (-1),
     zero_copy (true),
     router_notify (0),
     monitor_event_version (1),
@@ -432,6 +436,26 @@ int zmq::options_t::setsockopt (int option_,
 
         case ZMQ_MAXMSGSIZE:
             return do_setsockopt (optval_, optvallen_, &maxmsgsize);
+
+        case ZMQ_ZBROKER_MAXMSGPARTS:
+            if (is_int && (value > 0 || value == -1)) {
+                zbroker_max_msg_parts = value;
+                return 0;
+            }
+            break;
+
+        case ZMQ_ZBROKER_SNDHWM_BYTES:
+            return do_setsockopt (optval_, optvallen_, &zbroker_sndhwm_bytes);
+
+        case ZMQ_ZBROKER_RCVHWM_BYTES:
+            return do_setsockopt (optval_, optvallen_, &zbroker_rcvhwm_bytes);
+
+        case ZMQ_ZBROKER_MAX_CONNECTIONS:
+            if (is_int && (value > 0 || value == -1)) {
+                zbroker_max_connections = value;
+                return 0;
+            }
+            break;
 
         case ZMQ_MULTICAST_HOPS:
             if (is_int && value > 0) {
@@ -1011,6 +1035,31 @@ int zmq::options_t::getsockopt (int option_,
         case ZMQ_MAXMSGSIZE:
             if (*optvallen_ == sizeof (int64_t)) {
                 *(static_cast<int64_t *> (optval_)) = maxmsgsize;
+                *optvallen_ = sizeof (int64_t);
+                return 0;
+            }
+            break;
+
+        case ZMQ_ZBROKER_MAXMSGPARTS:
+            if (is_int) {
+                *value = zbroker_max_msg_parts;
+                return 0;
+            }
+            break;
+
+        case ZMQ_ZBROKER_MAX_CONNECTIONS:
+            if (is_int) {
+                *value = zbroker_max_connections;
+                return 0;
+            }
+            break;
+
+        case ZMQ_ZBROKER_SNDHWM_BYTES:
+        case ZMQ_ZBROKER_RCVHWM_BYTES:
+            if (*optvallen_ == sizeof (int64_t)) {
+                *(static_cast<int64_t *> (optval_)) =
+                  option_ == ZMQ_ZBROKER_SNDHWM_BYTES ? zbroker_sndhwm_bytes
+                                                      : zbroker_rcvhwm_bytes;
                 *optvallen_ = sizeof (int64_t);
                 return 0;
             }

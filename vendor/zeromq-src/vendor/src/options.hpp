@@ -282,6 +282,13 @@ struct options_t
     //  unnecessary network stack traversals.
     int out_batch_size;
 
+    //  zbroker: ZMQ_ZBROKER_MAXMSGPARTS, ZMQ_ZBROKER_SNDHWM_BYTES,
+    //  ZMQ_ZBROKER_RCVHWM_BYTES, ZMQ_ZBROKER_MAX_CONNECTIONS (zmq.h).
+    int zbroker_max_msg_parts;
+    int64_t zbroker_sndhwm_bytes;
+    int64_t zbroker_rcvhwm_bytes;
+    int zbroker_max_connections;
+
     // Use zero copy strategy for storing message content when decoding.
     bool zero_copy;
 

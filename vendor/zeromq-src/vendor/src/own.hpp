@@ -137,6 +137,12 @@ class own_t : public object_t
     typedef std::set<own_t *> owned_t;
     owned_t _owned;
 
+  protected:
+    //  zbroker: how many objects this one owns now.
+    size_t owned_count () const { return _owned.size (); }
+
+  private:
+
     //  Number of events we have to get before we can destroy the object.
     int _term_acks;
 

@@ -122,14 +122,80 @@ zmq::pipe_t::pipe_t (object_t *parent_,
     _state (active),
     _delay (true),
     _server_socket_routing_id (0),
-    _conflate (conflate_)
+    _conflate (conflate_),
+    _out_bytes (NULL),
+    _in_bytes (NULL),
+    _out_more (false)
 {
     _disconnect_msg.init ();
+}
+
+static void release_pipe_bytes (zmq::pipe_bytes_t *bytes_)
+{
+    if (bytes_ && bytes_->refs.fetch_sub (1) == 1)
+        delete bytes_;
 }
 
 zmq::pipe_t::~pipe_t ()
 {
     _disconnect_msg.close ();
+    release_pipe_bytes (_out_bytes);
+    release_pipe_bytes (_in_bytes);
+}
+
+void zmq::pipe_set_byte_hwms (pipe_t *pipes_[2], int64_t hwm0_, int64_t hwm1_)
+{
+    if (hwm0_ > 0) {
+        pipe_bytes_t *bytes = new (std::nothrow) pipe_bytes_t (hwm0_);
+        alloc_assert (bytes);
+        pipes_[0]->_out_bytes = bytes;
+        pipes_[1]->_in_bytes = bytes;
+    }
+    if (hwm1_ > 0) {
+        pipe_bytes_t *bytes = new (std::nothrow) pipe_bytes_t (hwm1_);
+        alloc_assert (bytes);
+        pipes_[1]->_out_bytes = bytes;
+        pipes_[0]->_in_bytes = bytes;
+    }
+}
+
+int64_t zmq::pipe_t::out_bytes_queued () const
+{
+    return _out_bytes ? _out_bytes->queued.load () : 0;
+}
+
+bool zmq::pipe_t::out_bytes_full () const
+{
+    //  Only between messages: a message that has begun is always finished.
+    if (!_out_bytes || _out_more)
+        return false;
+    //  Full until the reader's activate_write, as with the message count:
+    //  a pipe that reads as not full while inactive would look closed.
+    if (_out_bytes->writer_waiting.load ())
+        return true;
+    if (_out_bytes->queued.load () < _out_bytes->hwm)
+        return false;
+    //  Announce the wait, then look again: the reader may have drained the
+    //  pipe before it could see the flag.
+    _out_bytes->writer_waiting.store (true);
+    if (_out_bytes->queued.load () >= _out_bytes->hwm)
+        return true;
+    //  Drained meanwhile: take the flag back. If the reader took it first,
+    //  its activate_write finds this end active and does nothing.
+    _out_bytes->writer_waiting.exchange (false);
+    return false;
+}
+
+void zmq::pipe_t::read_bytes (const msg_t &msg_)
+{
+    if (!_in_bytes)
+        return;
+    const int64_t size = static_cast<int64_t> (
+      msg_.size ());
+    const int64_t left = _in_bytes->queued.fetch_sub (size) - size;
+    if (left <= _in_bytes->hwm / 2 && _in_bytes->writer_waiting.load ()
+        && _in_bytes->writer_waiting.exchange (false))
+        send_activate_write (_peer, _msgs_read);
 }
 
 void zmq::pipe_t::set_peer (pipe_t *peer_)
@@ -206,6 +272,8 @@ bool zmq::pipe_t::read (msg_t *msg_)
             _in_active = false;
             return false;
         }
+        if (!msg_->is_delimiter ())
+            read_bytes (*msg_);
 
         //  If this is a credential, ignore it and receive next message.
         if (unlikely (msg_->is_credential ())) {
@@ -253,6 +321,10 @@ bool zmq::pipe_t::write (const msg_t *msg_)
 
     const bool more = (msg_->flags () & msg_t::more) != 0;
     const bool is_routing_id = msg_->is_routing_id ();
+    if (_out_bytes)
+        _out_bytes->queued.fetch_add (
+          static_cast<int64_t> (msg_->size ()));
+    _out_more = more;
     _out_pipe->write (*msg_, more);
     if (!more && !is_routing_id)
         _msgs_written++;
@@ -267,10 +339,14 @@ void zmq::pipe_t::rollback () const
     if (_out_pipe) {
         while (_out_pipe->unwrite (&msg)) {
             zmq_assert (msg.flags () & msg_t::more);
+            if (_out_bytes)
+                _out_bytes->queued.fetch_sub (
+                  static_cast<int64_t> (msg.size ()));
             const int rc = msg.close ();
             errno_assert (rc == 0);
         }
     }
+    _out_more = false;
 }
 
 void zmq::pipe_t::flush ()
@@ -312,6 +388,8 @@ void zmq::pipe_t::process_hiccup (void *pipe_)
     while (_out_pipe->read (&msg)) {
         if (!(msg.flags () & msg_t::more))
             _msgs_written--;
+        if (_out_bytes)
+            _out_bytes->queued.fetch_sub (static_cast<int64_t> (msg.size ()));
         const int rc = msg.close ();
         errno_assert (rc == 0);
     }
@@ -561,7 +639,7 @@ bool zmq::pipe_t::check_hwm () const
 {
     const bool full =
       _hwm > 0 && _msgs_written - _peers_msgs_read >= uint64_t (_hwm);
-    return !full;
+    return !full && !out_bytes_full ();
 }
 
 void zmq::pipe_t::send_hwms_to_peer (int inhwm_, int outhwm_)

@@ -36,6 +36,8 @@
 #include "stdint.hpp"
 #include "array.hpp"
 #include "blob.hpp"
+
+#include <atomic>
 #include "options.hpp"
 #include "endpoint.hpp"
 #include "msg.hpp"
@@ -56,6 +58,29 @@ int pipepair (zmq::object_t *parents_[2],
               zmq::pipe_t *pipes_[2],
               const int hwms_[2],
               const bool conflate_[2]);
+
+//  zbroker: the bytes queued in one direction of a pipe pair, shared by the
+//  writing and the reading end (which live in different threads).
+struct pipe_bytes_t
+{
+    explicit pipe_bytes_t (int64_t hwm_) : hwm (hwm_), refs (2)
+    {
+        queued.store (0);
+        writer_waiting.store (false);
+    }
+    const int64_t hwm;
+    std::atomic<int64_t> queued;
+    //  Set by a writer that found the pipe full; the reader sends it an
+    //  activate_write once it has read the queue down to half of hwm.
+    std::atomic<bool> writer_waiting;
+    std::atomic<int> refs;
+};
+
+//  zbroker: bounds each direction of the pair in bytes as well as messages
+//  (hwm <= 0: no byte bound), pipes_[0] writing up to hwm0_ bytes and
+//  pipes_[1] up to hwm1_. Call right after pipepair, before either end is
+//  handed to another thread.
+void pipe_set_byte_hwms (zmq::pipe_t *pipes_[2], int64_t hwm0_, int64_t hwm1_);
 
 struct i_pipe_events
 {
@@ -81,6 +106,9 @@ class pipe_t ZMQ_FINAL : public object_t,
                          zmq::pipe_t *pipes_[2],
                          const int hwms_[2],
                          const bool conflate_[2]);
+    friend void pipe_set_byte_hwms (zmq::pipe_t *pipes_[2],
+                                    int64_t hwm0_,
+                                    int64_t hwm1_);
 
   public:
     //  Specifies the object to send events to.
@@ -141,6 +169,10 @@ class pipe_t ZMQ_FINAL : public object_t,
 
     //  Returns true if HWM is not reached
     bool check_hwm () const;
+
+    //  zbroker: bytes written to this end and not yet read by the peer (0
+    //  without a byte bound).
+    int64_t out_bytes_queued () const;
 
     void set_endpoint_pair (endpoint_uri_pair_t endpoint_pair_);
     const endpoint_uri_pair_t &get_endpoint_pair () const;
@@ -262,6 +294,15 @@ class pipe_t ZMQ_FINAL : public object_t,
 
     // Disconnect msg
     msg_t _disconnect_msg;
+
+    //  zbroker: byte accounting of what this end writes and reads (NULL
+    //  when not bounded in bytes), and whether the last part written had
+    //  MORE set: the byte bound only refuses the first part of a message.
+    pipe_bytes_t *_out_bytes;
+    pipe_bytes_t *_in_bytes;
+    mutable bool _out_more;
+    bool out_bytes_full () const;
+    void read_bytes (const msg_t &msg_);
 
     ZMQ_NON_COPYABLE_NOR_MOVABLE (pipe_t)
 };

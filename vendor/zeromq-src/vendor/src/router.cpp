@@ -449,6 +449,20 @@ int zmq::router_t::get_peer_state (const void *routing_id_,
     return res;
 }
 
+//  zbroker: the next generated routing id (0x00 + a 32-bit counter) that no
+//  attached peer holds. Upstream takes the counter's next value as it is, and
+//  add_out_pipe asserts when a peer already holds it, which a client that
+//  chooses its own id can arrange: every generated id is checked here.
+void zmq::router_t::next_free_routing_id (blob_t &routing_id_)
+{
+    unsigned char buf[5];
+    buf[0] = 0;
+    do {
+        put_uint32 (buf + 1, _next_integral_routing_id++);
+        routing_id_.set (buf, sizeof buf);
+    } while (has_out_pipe (routing_id_));
+}
+
 bool zmq::router_t::identify_peer (pipe_t *pipe_, bool locally_initiated_)
 {
     msg_t msg;
@@ -464,10 +478,7 @@ bool zmq::router_t::identify_peer (pipe_t *pipe_, bool locally_initiated_)
     } else if (
       options
         .raw_socket) { //  Always assign an integral routing id for raw-socket
-        unsigned char buf[5];
-        buf[0] = 0;
-        put_uint32 (buf + 1, _next_integral_routing_id++);
-        routing_id.set (buf, sizeof buf);
+        next_free_routing_id (routing_id);
     } else if (!options.raw_socket) {
         //  Pick up handshake cases and also case where next integral routing id is set
         msg.init ();
@@ -477,11 +488,16 @@ bool zmq::router_t::identify_peer (pipe_t *pipe_, bool locally_initiated_)
 
         if (msg.size () == 0) {
             //  Fall back on the auto-generation
-            unsigned char buf[5];
-            buf[0] = 0;
-            put_uint32 (buf + 1, _next_integral_routing_id++);
-            routing_id.set (buf, sizeof buf);
+            next_free_routing_id (routing_id);
             msg.close ();
+        } else if (*static_cast<unsigned char *> (msg.data ()) == 0) {
+            //  zbroker: ids starting with 0x00 are the generated ones'
+            //  space. The handshake already refuses a peer that claims one
+            //  (mechanism_t::parse_metadata, zmtp_engine_t); this catches
+            //  any other path, and drops the peer rather than ignoring it.
+            msg.close ();
+            pipe_->terminate (false);
+            return false;
         } else {
             routing_id.set (static_cast<unsigned char *> (msg.data ()),
                             msg.size ());
@@ -500,10 +516,8 @@ bool zmq::router_t::identify_peer (pipe_t *pipe_, bool locally_initiated_)
                 //  We will allow the new connection to take over this
                 //  routing id. Temporarily assign a new routing id to the
                 //  existing pipe so we can terminate it asynchronously.
-                unsigned char buf[5];
-                buf[0] = 0;
-                put_uint32 (buf + 1, _next_integral_routing_id++);
-                blob_t new_routing_id (buf, sizeof buf);
+                blob_t new_routing_id;
+                next_free_routing_id (new_routing_id);
 
                 pipe_t *const old_pipe = existing_outpipe->pipe;
 

@@ -73,6 +73,7 @@ class router_t : public routing_socket_base_t
   private:
     //  Receive peer id and update lookup map
     bool identify_peer (pipe_t *pipe_, bool locally_initiated_);
+    void next_free_routing_id (blob_t &routing_id_);
 
     //  Fair queueing object for inbound pipes.
     fq_t _fq;

@@ -121,6 +121,7 @@ zmq::session_base_t::session_base_t (class io_thread_t *io_thread_,
     io_object_t (io_thread_),
     _active (active_),
     _pipe (NULL),
+    _more_parts (0),
     _zap_pipe (NULL),
     _incomplete_in (false),
     _pending (false),
@@ -186,7 +187,20 @@ int zmq::session_base_t::push_msg (msg_t *msg_)
     if ((msg_->flags () & msg_t::command) && !msg_->is_subscribe ()
         && !msg_->is_cancel ())
         return 0;
+    //  zbroker: libzmq keeps an incomplete message in the pipe and its
+    //  high-water mark counts whole messages, so a peer that never sends a
+    //  last part could grow it without bound. Refuse the part that would
+    //  make the message longer than ZMQ_ZBROKER_MAXMSGPARTS: the engine
+    //  then drops the connection and the pipe rolls the message back.
+    const bool more = (msg_->flags () & msg_t::more) != 0;
+    if (more && options.zbroker_max_msg_parts > 0
+        && _more_parts + 1 >= options.zbroker_max_msg_parts) {
+        errno = E2BIG;
+        return -1;
+    }
     if (_pipe && _pipe->write (msg_)) {
+        //  Counted only once written: a part refused with EAGAIN comes back.
+        _more_parts = more ? _more_parts + 1 : 0;
         const int rc = msg_->init ();
         errno_assert (rc == 0);
         return 0;
@@ -432,6 +446,10 @@ void zmq::session_base_t::engine_ready ()
         bool conflates[2] = {conflate, conflate};
         const int rc = pipepair (parents, pipes, hwms, conflates);
         errno_assert (rc == 0);
+        //  zbroker: pipes[1], the socket's end, writes what goes out.
+        if (!conflate)
+            pipe_set_byte_hwms (pipes, options.zbroker_rcvhwm_bytes,
+                                options.zbroker_sndhwm_bytes);
 
         //  Plug the local end of the pipe.
         pipes[0]->set_event_sink (this);
@@ -439,6 +457,7 @@ void zmq::session_base_t::engine_ready ()
         //  Remember the local end of the pipe.
         zmq_assert (!_pipe);
         _pipe = pipes[0];
+        _more_parts = 0;
 
         //  The endpoints strings are not set on bind, set them here so that
         //  events can use them.

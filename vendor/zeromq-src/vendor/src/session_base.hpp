@@ -129,6 +129,10 @@ class session_base_t : public own_t, public io_object_t, public i_pipe_events
     //  Pipe connecting the session to its socket.
     zmq::pipe_t *_pipe;
 
+    //  zbroker: parts with the MORE flag pushed so far in the message being
+    //  received, for ZMQ_ZBROKER_MAXMSGPARTS.
+    int _more_parts;
+
     //  Pipe used to exchange messages with ZAP socket.
     zmq::pipe_t *_zap_pipe;
 

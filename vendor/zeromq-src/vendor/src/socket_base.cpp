@@ -464,6 +464,13 @@ int zmq::socket_base_t::getsockopt (int option_,
         return do_getsockopt<int> (optval_, optvallen_, _rcvmore ? 1 : 0);
     }
 
+    if (option_ == ZMQ_ZBROKER_OUT_BYTES) {
+        int64_t queued = 0;
+        for (pipes_t::size_type i = 0, size = _pipes.size (); i != size; ++i)
+            queued += _pipes[i]->out_bytes_queued ();
+        return do_getsockopt<int64_t> (optval_, optvallen_, queued);
+    }
+
     if (option_ == ZMQ_FD) {
         if (_thread_safe) {
             // thread safe socket doesn't provide file descriptor
@@ -1934,6 +1941,13 @@ void zmq::socket_base_t::event_handshake_failed_protocol (
 {
     uint64_t values[1] = {static_cast<uint64_t> (err_)};
     event (endpoint_uri_pair_, values, 1, ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL);
+}
+
+void zmq::socket_base_t::event_zbroker_refused (
+  const endpoint_uri_pair_t &endpoint_uri_pair_, int reason_)
+{
+    uint64_t values[1] = {static_cast<uint64_t> (reason_)};
+    event (endpoint_uri_pair_, values, 1, ZMQ_EVENT_ZBROKER_REFUSED);
 }
 
 void zmq::socket_base_t::event_handshake_failed_auth (

@@ -146,6 +146,8 @@ class socket_base_t : public own_t,
                              zmq::fd_t fd_);
     void event_handshake_failed_no_detail (
       const endpoint_uri_pair_t &endpoint_uri_pair_, int err_);
+    void event_zbroker_refused (const endpoint_uri_pair_t &endpoint_uri_pair_,
+                                int reason_);
     void event_handshake_failed_protocol (
       const endpoint_uri_pair_t &endpoint_uri_pair_, int err_);
     void

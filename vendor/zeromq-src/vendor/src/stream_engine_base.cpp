@@ -315,6 +315,13 @@ bool zmq::stream_engine_base_t::in_event_internal ()
     //  or the session has rejected the message.
     if (rc == -1) {
         if (errno != EAGAIN) {
+            //  zbroker: say why, so the application can count it.
+            if (errno == EMSGSIZE)
+                _socket->event_zbroker_refused (_endpoint_uri_pair,
+                                                ZMQ_ZBROKER_REFUSED_MSGSIZE);
+            else if (errno == E2BIG)
+                _socket->event_zbroker_refused (_endpoint_uri_pair,
+                                                ZMQ_ZBROKER_REFUSED_PARTS);
             error (protocol_error);
             return false;
         }

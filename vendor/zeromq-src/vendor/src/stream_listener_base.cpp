@@ -46,6 +46,7 @@ zmq::stream_listener_base_t::stream_listener_base_t (
   const zmq::options_t &options_) :
     own_t (io_thread_, options_),
     io_object_t (io_thread_),
+    _accept_backoff (false),
     _s (retired_fd),
     _handle (static_cast<handle_t> (NULL)),
     _socket (socket_)
@@ -71,8 +72,52 @@ void zmq::stream_listener_base_t::process_plug ()
     set_pollin (_handle);
 }
 
+void zmq::stream_listener_base_t::accept_failed (int errno_)
+{
+    _socket->event_accept_failed (
+      make_unconnected_bind_endpoint_pair (_endpoint), errno_);
+    if (errno_ != EMFILE && errno_ != ENFILE && errno_ != ENOBUFS
+        && errno_ != ENOMEM)
+        return;
+    if (!_accept_backoff) {
+        reset_pollin (_handle);
+        add_timer (100, accept_backoff_timer_id);
+        _accept_backoff = true;
+    }
+}
+
+void zmq::stream_listener_base_t::timer_event (int id_)
+{
+    zmq_assert (id_ == accept_backoff_timer_id);
+    _accept_backoff = false;
+    set_pollin (_handle);
+}
+
+bool zmq::stream_listener_base_t::refuse_over_cap (fd_t fd_)
+{
+    //  Sessions of live connections are this listener's children until they
+    //  end. (A just-launched one joins the set a command later, so a burst
+    //  of accepts may overshoot by the few accepted in between.)
+    if (options.zbroker_max_connections <= 0
+        || owned_count () < static_cast<size_t> (options.zbroker_max_connections))
+        return false;
+#ifdef ZMQ_HAVE_WINDOWS
+    closesocket (fd_);
+#else
+    ::close (fd_);
+#endif
+    _socket->event_zbroker_refused (
+      make_unconnected_bind_endpoint_pair (_endpoint),
+      ZMQ_ZBROKER_REFUSED_CONNECTIONS);
+    return true;
+}
+
 void zmq::stream_listener_base_t::process_term (int linger_)
 {
+    if (_accept_backoff) {
+        cancel_timer (accept_backoff_timer_id);
+        _accept_backoff = false;
+    }
     rm_fd (_handle);
     _handle = static_cast<handle_t> (NULL);
     close ();

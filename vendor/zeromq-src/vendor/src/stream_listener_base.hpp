@@ -58,10 +58,27 @@ class stream_listener_base_t : public own_t, public io_object_t
     virtual std::string get_socket_name (fd_t fd_,
                                          socket_end_t socket_end_) const = 0;
 
+    //  zbroker: after an accept that failed for want of descriptors or
+    //  memory, stop polling the listener for a while instead of retrying
+    //  at once (upstream spins the I/O thread at 100 % until one frees up).
+    void accept_failed (int errno_);
+
+    //  zbroker: true, having closed fd_ and said why, if the endpoint
+    //  already has ZMQ_ZBROKER_MAX_CONNECTIONS live connections.
+    bool refuse_over_cap (fd_t fd_);
+
   private:
     //  Handlers for incoming commands.
     void process_plug () ZMQ_FINAL;
     void process_term (int linger_) ZMQ_FINAL;
+
+    void timer_event (int id_) ZMQ_OVERRIDE;
+
+    enum
+    {
+        accept_backoff_timer_id = 0x7a
+    };
+    bool _accept_backoff;
 
   protected:
     //  Close the listening socket.

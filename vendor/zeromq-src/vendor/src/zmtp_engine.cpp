@@ -440,6 +440,13 @@ int zmq::zmtp_engine_t::routing_id_msg (msg_t *msg_)
 
 int zmq::zmtp_engine_t::process_routing_id_msg (msg_t *msg_)
 {
+    //  zbroker: as in mechanism_t::parse_metadata, for ZMTP 1.0/2.0 peers,
+    //  whose routing id arrives as their first message.
+    if (_options.recv_routing_id && msg_->size () > 0
+        && *static_cast<unsigned char *> (msg_->data ()) == 0) {
+        errno = EPROTO;
+        return -1;
+    }
     if (_options.recv_routing_id) {
         msg_->set_flags (msg_t::routing_id);
         const int rc = session ()->push_msg (msg_);
