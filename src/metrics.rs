@@ -285,66 +285,471 @@ pub fn render(snapshot: &Snapshot) -> String {
     text
 }
 
-/// Serves `GET /metrics` over HTTP from a background thread, rendering
-/// whatever `snapshot` returns at scrape time. Stops when dropped.
+/// Serves `GET /metrics` over HTTP/1.1 from one background thread, rendering
+/// whatever `snapshot` returns at scrape time, with every peer held to
+/// [`ExporterLimits`]: at most `max_connections` open, `max_header_bytes`
+/// buffered each, `request_timeout` each, one thread whatever the load.
+/// A failing `accept` (descriptors exhausted) pauses accepting instead of
+/// stopping the exporter. One request per connection (`Connection: close`).
+/// Stops, closing its listener and connections, when dropped.
 pub struct Exporter {
-    server: std::sync::Arc<tiny_http::Server>,
+    shared: std::sync::Arc<Shared>,
+    waker: mio::Waker,
     thread: Option<std::thread::JoinHandle<()>>,
     address: String,
 }
 
+/// What [`Exporter`] and its thread both see.
+#[derive(Debug, Default)]
+struct Shared {
+    stop: std::sync::atomic::AtomicBool,
+    stats: SharedStats,
+}
+
+const LISTENER: mio::Token = mio::Token(0);
+const WAKER: mio::Token = mio::Token(1);
+/// Connection `i` is `Token(i + FIRST_CONNECTION)`.
+const FIRST_CONNECTION: usize = 2;
+/// Headers per request before `431`.
+const MAX_HEADERS: usize = 64;
+/// Connections accepted per loop turn before other connections get a turn.
+const ACCEPT_BATCH: usize = 64;
+/// After its response, a connection is read and discarded for up to this
+/// long or [`LINGER_BYTES`], so that closing it with unread input (a request
+/// cut short at `431`) does not reset it before the peer read the answer.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 impl Exporter {
-    /// Binds `address` (`host:port`) and starts serving.
+    /// Binds `address` (`host:port`; port 0 picks one) and starts serving
+    /// with [`ExporterLimits::DEFAULT`]. Errors only if binding or starting
+    /// the thread fails.
     pub fn start(
         address: &str,
         snapshot: impl Fn() -> Snapshot + Send + 'static,
     ) -> std::io::Result<Exporter> {
-        let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .map_or_else(|| address.to_string(), |a| a.to_string());
-        let server = std::sync::Arc::new(server);
-        let serving = std::sync::Arc::clone(&server);
+        Exporter::start_with(address, ExporterLimits::DEFAULT, snapshot)
+    }
+
+    /// [`Exporter::start`] with explicit limits.
+    pub fn start_with(
+        address: &str,
+        limits: ExporterLimits,
+        snapshot: impl Fn() -> Snapshot + Send + 'static,
+    ) -> std::io::Result<Exporter> {
+        let listener = std::net::TcpListener::bind(address)?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?.to_string();
+        let mut listener = mio::net::TcpListener::from_std(listener);
+        let poll = mio::Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, mio::Interest::READABLE)?;
+        let waker = mio::Waker::new(poll.registry(), WAKER)?;
+        let shared = std::sync::Arc::new(Shared::default());
+        let mut server = Server {
+            poll,
+            listener,
+            limits,
+            snapshot,
+            shared: std::sync::Arc::clone(&shared),
+            connections: (0..limits.max_connections).map(|_| None).collect(),
+            accept_paused_until: None,
+            accept_pending: true,
+        };
         let thread = std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || {
-                for request in serving.incoming_requests() {
-                    let response = if request.url() == "/metrics" {
-                        let content_type = tiny_http::Header::from_bytes(
-                            &b"Content-Type"[..],
-                            &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
-                        )
-                        .expect("a valid static header");
-                        tiny_http::Response::from_string(render(&snapshot()))
-                            .with_header(content_type)
-                    } else {
-                        tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                    };
-                    // A client that hung up is not our problem.
-                    let _ = request.respond(response);
-                }
-            })?;
+            .spawn(move || server.run())?;
         Ok(Exporter {
-            server,
+            shared,
+            waker,
             thread: Some(thread),
             address: bound,
         })
     }
 
-    /// The address it listens on (port resolved).
+    /// The address it listens on, port resolved (`127.0.0.1:9100`).
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// Counts of what the exporter accepted, refused and served so far.
+    pub fn stats(&self) -> ExporterStats {
+        self.shared.stats.read()
     }
 }
 
 impl Drop for Exporter {
+    /// Stops the thread (woken at once, not at its next timeout), closing
+    /// the listener and every connection, and waits for it.
     fn drop(&mut self) {
-        self.server.unblock();
+        self.shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Only fails if the eventfd counter overflows, which needs 2^64
+        // wakes; the stop flag is still seen at the thread's next turn.
+        let _ = self.waker.wake();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
+}
+
+/// The exporter thread's state.
+struct Server<F> {
+    poll: mio::Poll,
+    listener: mio::net::TcpListener,
+    limits: ExporterLimits,
+    snapshot: F,
+    shared: std::sync::Arc<Shared>,
+    /// `max_connections` slots; a connection's token names its slot.
+    connections: Vec<Option<Connection>>,
+    /// Set after a resource error from `accept`: no accepting until then.
+    accept_paused_until: Option<std::time::Instant>,
+    /// `accept` may have more to give (edge-triggered: no new event will
+    /// say so).
+    accept_pending: bool,
+}
+
+impl<F: Fn() -> Snapshot> Server<F> {
+    fn run(&mut self) {
+        let mut events = mio::Events::with_capacity(128);
+        loop {
+            if self.shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let now = std::time::Instant::now();
+            if self.accept_paused_until.is_some_and(|until| now >= until) {
+                self.accept_paused_until = None;
+                self.accept_pending = true;
+            }
+            if self.accept_pending && self.accept_paused_until.is_none() {
+                self.accept(now);
+            }
+            let timeout = self.timeout(std::time::Instant::now());
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // Polling itself failed (out of memory): back off rather
+                // than spin, and try again.
+                Err(_) => {
+                    std::thread::sleep(
+                        self.limits
+                            .accept_backoff
+                            .max(std::time::Duration::from_millis(10)),
+                    );
+                    continue;
+                }
+            }
+            let now = std::time::Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_pending = true,
+                    WAKER => {}
+                    mio::Token(token) => {
+                        self.drive(token.wrapping_sub(FIRST_CONNECTION), now);
+                    }
+                }
+            }
+            self.expire(std::time::Instant::now());
+        }
+    }
+
+    /// How long the next poll may wait: until the earliest connection
+    /// deadline or the end of an accept pause; no wait if `accept` has
+    /// more pending.
+    fn timeout(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+        if self.accept_pending && self.accept_paused_until.is_none() {
+            return Some(std::time::Duration::ZERO);
+        }
+        self.connections
+            .iter()
+            .flatten()
+            .map(|c| c.deadline)
+            .chain(self.accept_paused_until)
+            .min()
+            .map(|at| at.saturating_duration_since(now))
+    }
+
+    fn accept(&mut self, now: std::time::Instant) {
+        for _ in 0..ACCEPT_BATCH {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.accept_pending = false;
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // The peer gave up between SYN and accept: that connection
+                // is gone, the next may not be.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    SharedStats::bump(&self.shared.stats.accept_errors);
+                    continue;
+                }
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM or anything unforeseen:
+                // stop accepting for a while instead of retrying at once
+                // (the error would repeat, and the loop would spin).
+                Err(_) => {
+                    SharedStats::bump(&self.shared.stats.accept_errors);
+                    self.accept_paused_until = Some(now + self.limits.accept_backoff);
+                    return;
+                }
+            };
+            self.admit(stream, now);
+        }
+        // A full batch: more may be pending; `timeout` polls without
+        // waiting so connections already open get their turn first.
+        self.accept_pending = true;
+    }
+
+    fn admit(&mut self, mut stream: mio::net::TcpStream, now: std::time::Instant) {
+        let Some(slot) = self.connections.iter().position(Option::is_none) else {
+            SharedStats::bump(&self.shared.stats.refused_at_cap);
+            // Best effort on a fresh socket (its send buffer is empty);
+            // whatever happens, it is closed when dropped here.
+            let _ = std::io::Write::write(
+                &mut stream,
+                response(503, "Service Unavailable", "", "text/plain", b"busy\n").as_slice(),
+            );
+            return;
+        };
+        let registered = self.poll.registry().register(
+            &mut stream,
+            mio::Token(slot + FIRST_CONNECTION),
+            mio::Interest::READABLE | mio::Interest::WRITABLE,
+        );
+        if registered.is_err() {
+            // Out of kernel memory: drop this one, keep the others.
+            return;
+        }
+        SharedStats::bump(&self.shared.stats.connections);
+        self.connections[slot] = Some(Connection {
+            stream,
+            state: State::Reading(Vec::new()),
+            deadline: now + self.limits.request_timeout,
+        });
+        // Edge-triggered: the request may already be there.
+        self.drive(slot, now);
+    }
+
+    /// Moves connection `slot` on as far as its socket allows, closing it
+    /// when done or broken.
+    fn drive(&mut self, slot: usize, now: std::time::Instant) {
+        let Some(Some(connection)) = self.connections.get_mut(slot) else {
+            return;
+        };
+        let keep = connection.drive(&self.limits, &self.shared.stats, &self.snapshot, now);
+        if !keep {
+            self.close(slot);
+        }
+    }
+
+    fn expire(&mut self, now: std::time::Instant) {
+        for slot in 0..self.connections.len() {
+            let Some(connection) = &self.connections[slot] else {
+                continue;
+            };
+            if connection.deadline <= now {
+                if !matches!(connection.state, State::Lingering { .. }) {
+                    SharedStats::bump(&self.shared.stats.timed_out);
+                }
+                self.close(slot);
+            }
+        }
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(mut connection) = self.connections[slot].take() {
+            let _ = self.poll.registry().deregister(&mut connection.stream);
+        }
+    }
+}
+
+/// One accepted connection.
+struct Connection {
+    stream: mio::net::TcpStream,
+    state: State,
+    /// Closed at this instant whatever its state.
+    deadline: std::time::Instant,
+}
+
+enum State {
+    /// Reading the request head (never more than `max_header_bytes`).
+    Reading(Vec<u8>),
+    /// Writing the response; `written` bytes of it are out.
+    Writing { response: Vec<u8>, written: usize },
+    /// Response out and write side shut: discarding input until the peer
+    /// closes.
+    Lingering { discarded: usize },
+}
+
+impl Connection {
+    /// Returns whether to keep the connection open.
+    fn drive(
+        &mut self,
+        limits: &ExporterLimits,
+        stats: &SharedStats,
+        snapshot: &impl Fn() -> Snapshot,
+        now: std::time::Instant,
+    ) -> bool {
+        use std::io::{Read, Write};
+        loop {
+            match &mut self.state {
+                State::Reading(head) => {
+                    let mut chunk = [0u8; 4096];
+                    let room = limits.max_header_bytes.saturating_sub(head.len());
+                    let answer = if room == 0 {
+                        Some(too_large(stats))
+                    } else {
+                        let want = room.min(chunk.len());
+                        match self.stream.read(&mut chunk[..want]) {
+                            Ok(0) => return false,
+                            Ok(n) => {
+                                let scan_from = head.len().saturating_sub(3);
+                                head.extend_from_slice(&chunk[..n]);
+                                answer(head, scan_from, limits, stats, snapshot)
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+                            Err(_) => return false,
+                        }
+                    };
+                    if let Some(response) = answer {
+                        self.state = State::Writing {
+                            response,
+                            written: 0,
+                        };
+                    }
+                }
+                State::Writing { response, written } => {
+                    if *written == response.len() {
+                        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+                        self.deadline = self.deadline.min(now + LINGER);
+                        self.state = State::Lingering { discarded: 0 };
+                        continue;
+                    }
+                    match self.stream.write(&response[*written..]) {
+                        Ok(0) => return false,
+                        Ok(n) => *written += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => return false,
+                    }
+                }
+                State::Lingering { discarded } => {
+                    let mut chunk = [0u8; 4096];
+                    match self.stream.read(&mut chunk) {
+                        Ok(0) => return false,
+                        Ok(n) => {
+                            *discarded += n;
+                            if *discarded > LINGER_BYTES {
+                                return false;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => return false,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn too_large(stats: &SharedStats) -> Vec<u8> {
+    SharedStats::bump(&stats.headers_too_large);
+    response(
+        431,
+        "Request Header Fields Too Large",
+        "",
+        "text/plain",
+        b"request header too large\n",
+    )
+}
+
+/// The response to the request head in `head` if it is complete (or cannot
+/// be), else `None`. `scan_from` is where new bytes may complete the head.
+fn answer(
+    head: &[u8],
+    scan_from: usize,
+    limits: &ExporterLimits,
+    stats: &SharedStats,
+    snapshot: &impl Fn() -> Snapshot,
+) -> Option<Vec<u8>> {
+    let tail = head.get(scan_from..).unwrap_or_default();
+    // Parse only once the head can have ended, so a peer sending one byte
+    // at a time costs linear, not quadratic, work.
+    let ended = tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n");
+    if !ended {
+        return (head.len() >= limits.max_header_bytes).then(|| too_large(stats));
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return (head.len() >= limits.max_header_bytes).then(|| too_large(stats));
+        }
+        Err(httparse::Error::TooManyHeaders) => return Some(too_large(stats)),
+        Err(_) => {
+            SharedStats::bump(&stats.bad_requests);
+            return Some(response(
+                400,
+                "Bad Request",
+                "",
+                "text/plain",
+                b"bad request\n",
+            ));
+        }
+    }
+    let path = request.path.unwrap_or_default();
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    if path != "/metrics" {
+        return Some(response(
+            404,
+            "Not Found",
+            "",
+            "text/plain",
+            b"see /metrics\n",
+        ));
+    }
+    let head_only = match request.method {
+        Some("GET") => false,
+        Some("HEAD") => true,
+        _ => {
+            return Some(response(
+                405,
+                "Method Not Allowed",
+                "Allow: GET, HEAD\r\n",
+                "text/plain",
+                b"use GET\n",
+            ));
+        }
+    };
+    SharedStats::bump(&stats.scrapes);
+    let body = render(&snapshot());
+    let mut full = response(200, "OK", "", OPENMETRICS, body.as_bytes());
+    if head_only {
+        full.truncate(full.len() - body.len());
+    }
+    Some(full)
+}
+
+/// A complete `Connection: close` response.
+fn response(code: u16, reason: &str, extra: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
 }
 
 /// Fetches and returns the metrics text from a broker's `--metrics-bind`

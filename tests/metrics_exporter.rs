@@ -1,0 +1,435 @@
+//! The metrics exporter under hostile clients: idle connections past its
+//! cap, oversized request heads, and an exhausted descriptor table. Real
+//! sockets on 127.0.0.1; every loop is bounded in count and time.
+//!
+//! Scenarios that read process-wide figures (thread count, RSS, CPU time) or
+//! lower `RLIMIT_NOFILE` run in a child process (this binary, re-run with
+//! `--exact <test>`), so neither other tests nor the harness skew them.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use zbroker::metrics::{Exporter, ExporterLimits, Snapshot};
+
+/// Set in a child process to the name of the test it is to run.
+const CHILD: &str = "ZBROKER_METRICS_EXPORTER_CHILD";
+const PUBLISHED: &str = "zbroker_messages_published_total 42";
+
+fn snapshot() -> Snapshot {
+    let mut s = Snapshot::default();
+    s.counters.published = 42;
+    s
+}
+
+/// In the parent, runs test `name` alone in a child process, checks it
+/// passed without any panic (the exporter thread's included), and returns
+/// false. In that child, returns true: the caller runs the scenario.
+fn in_child(name: &str) -> bool {
+    if std::env::var(CHILD).as_deref() == Ok(name) {
+        return true;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("child.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, name)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{name} child timed out:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{name} child failed ({status}):\n{text}");
+    assert!(!text.contains("panicked"), "{name} child panicked:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "{name} child ran no test:\n{text}"
+    );
+    println!("{text}");
+    false
+}
+
+fn start(limits: ExporterLimits) -> (Exporter, SocketAddr) {
+    let exporter = Exporter::start_with("127.0.0.1:0", limits, snapshot).unwrap();
+    let address = exporter.address().parse().unwrap();
+    (exporter, address)
+}
+
+/// Waits (bounded) until `condition` holds.
+fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn connect(address: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Reads to EOF; a reset after some bytes still returns those bytes.
+fn read_all(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Sends `raw` on a fresh connection and returns everything it answers.
+fn exchange(address: SocketAddr, raw: &[u8]) -> String {
+    let mut stream = connect(address);
+    stream.write_all(raw).unwrap();
+    read_all(&mut stream)
+}
+
+/// A field of /proc/self/status, in its own unit (kB for VmRSS).
+fn proc_status(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    line[field.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// utime + stime of this process, in clock ticks (1/100 s on Linux), read
+/// from `/proc/self/stat` opened beforehand (re-read from offset 0 each
+/// time), so it works with no descriptor free.
+fn cpu_ticks(stat: &std::fs::File) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buffer = [0u8; 1024];
+    let n = stat.read_at(&mut buffer, 0).unwrap();
+    let stat = std::str::from_utf8(&buffer[..n]).unwrap();
+    // Fields after the parenthesised command name, which may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, so 12 and 13
+    // here (state is field 3).
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_scrape_returns_the_rendered_snapshot() {
+    let (exporter, address) = start(ExporterLimits::default());
+
+    let text = zbroker::metrics::fetch(exporter.address()).unwrap();
+    assert!(text.contains(PUBLISHED), "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+
+    // A request arriving in pieces, answered once, then closed.
+    let mut stream = connect(address);
+    stream.write_all(b"GET /metrics HT").unwrap();
+    stream.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    stream.write_all(b"TP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let answer = read_all(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.contains(
+            "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+        ),
+        "{answer}"
+    );
+    assert!(answer.contains("Connection: close\r\n"), "{answer}");
+    assert!(answer.contains(PUBLISHED), "{answer}");
+
+    let head = exchange(address, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.ends_with("\r\n\r\n"), "HEAD has no body: {head}");
+
+    let other = exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 404 "), "{other}");
+    let post = exchange(
+        address,
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+    assert!(post.contains("Allow: GET, HEAD\r\n"), "{post}");
+    let garbage = exchange(address, b"\x16\x03\x01 not http\r\n\r\n");
+    assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
+
+    let stats = exporter.stats();
+    assert_eq!(stats.scrapes, 3, "{stats:?}");
+    assert_eq!(stats.bad_requests, 1, "{stats:?}");
+    assert_eq!(stats.connections, 6, "{stats:?}");
+
+    // Dropping stops it promptly (woken, not timed out) and frees the port.
+    let began = Instant::now();
+    drop(exporter);
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(TcpStream::connect(address).is_err(), "still listening");
+}
+
+#[test]
+fn idle_connections_past_the_cap_cost_no_threads_and_expire() {
+    if !in_child("idle_connections_past_the_cap_cost_no_threads_and_expire") {
+        return;
+    }
+    let mut limits = ExporterLimits::default();
+    limits.request_timeout = Duration::from_secs(2);
+    let cap = limits.max_connections;
+    let over = 50;
+    let (exporter, address) = start(limits);
+    let threads_before = proc_status("Threads:");
+
+    // Connect and say nothing. The first `cap` are held until the request
+    // timeout; the rest are refused (503, closed) as they are accepted.
+    let mut idle: Vec<TcpStream> = (0..cap + over).map(|_| connect(address)).collect();
+    wait_for(
+        "the cap to fill and refuse the rest",
+        Duration::from_secs(10),
+        || {
+            let s = exporter.stats();
+            s.connections == cap as u64 && s.refused_at_cap == over as u64
+        },
+    );
+    let threads_during = proc_status("Threads:");
+    assert!(
+        threads_during <= threads_before + 1,
+        "{} idle connections: threads {threads_before} -> {threads_during}",
+        cap + over
+    );
+
+    // An honest scraper, retrying as Prometheus would on its next
+    // interval, gets through once the idle ones time out.
+    let began = Instant::now();
+    let mut refused = 0;
+    let text = loop {
+        match zbroker::metrics::fetch(exporter.address()) {
+            Ok(text) => break text,
+            Err(e) => {
+                refused += 1;
+                assert!(
+                    began.elapsed() < Duration::from_secs(10),
+                    "no scrape after {refused} tries: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert!(text.contains(PUBLISHED), "{text}");
+    let stats = exporter.stats();
+    assert_eq!(stats.timed_out, cap as u64, "{stats:?}");
+    assert_eq!(stats.scrapes, 1, "{stats:?}");
+    assert_eq!(
+        stats.refused_at_cap,
+        (over + refused) as u64,
+        "each refused scrape was refused at the cap: {stats:?}"
+    );
+
+    // Every idle connection has been closed by the exporter: over-cap ones
+    // got a 503 at once, held ones were cut at the timeout.
+    let (mut busy, mut closed) = (0, 0);
+    for stream in &mut idle {
+        let answer = read_all(stream);
+        if answer.starts_with("HTTP/1.1 503 ") {
+            busy += 1;
+        } else {
+            assert_eq!(answer, "", "idle connection answered");
+            closed += 1;
+        }
+    }
+    assert!(busy <= over, "{busy} 503s for {over} refusals");
+    assert!(closed >= cap, "{closed} cut, cap {cap}");
+    println!(
+        "threads {threads_before} -> {threads_during}; {refused} scrapes refused before one got through after {:?}",
+        began.elapsed()
+    );
+}
+
+#[test]
+fn an_oversized_request_head_is_refused_without_buffering_it() {
+    if !in_child("an_oversized_request_head_is_refused_without_buffering_it") {
+        return;
+    }
+    let limits = ExporterLimits::default();
+    let (exporter, address) = start(limits);
+    // Warm up allocator and exporter so the baseline is settled.
+    for _ in 0..3 {
+        assert!(zbroker::metrics::fetch(exporter.address()).is_ok());
+    }
+    let rss_before = proc_status("VmRSS:");
+
+    // Just past the cap: every byte is read, so the 431 arrives intact.
+    let mut stream = connect(address);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+        .unwrap();
+    stream
+        .write_all(&vec![b'a'; limits.max_header_bytes])
+        .unwrap();
+    let answer = read_all(&mut stream);
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{answer}"
+    );
+
+    // Up to 16 MiB of one header, in 16 KiB writes: the exporter answers
+    // 431 and closes, so the sender sees the 431 or a reset. (Loopback
+    // socket buffers can absorb a few MiB before that: kernel memory, not
+    // the process's.)
+    let mut stream = connect(address);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+        .unwrap();
+    let chunk = [b'a'; 16 * 1024];
+    let mut sent = 0;
+    while sent < 16 * 1024 * 1024 {
+        match stream.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    let answer = read_all(&mut stream);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431 "),
+        "{answer}"
+    );
+    let big_answer = if answer.is_empty() { "reset" } else { "431" };
+    // Too many headers, each small: also 431.
+    let mut many = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    for i in 0..100 {
+        many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let answer = exchange(address, &many);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+
+    wait_for("three 431s", Duration::from_secs(5), || {
+        exporter.stats().headers_too_large == 3
+    });
+    let rss_after = proc_status("VmRSS:");
+    assert!(
+        rss_after < rss_before + 2 * 1024,
+        "RSS {rss_before} kB -> {rss_after} kB after a {sent}-byte header"
+    );
+    // And it still serves.
+    assert!(
+        zbroker::metrics::fetch(exporter.address())
+            .unwrap()
+            .contains(PUBLISHED)
+    );
+    println!(
+        "RSS {rss_before} kB -> {rss_after} kB; {sent} header bytes sent before the close, answered: {big_answer}"
+    );
+}
+
+#[test]
+fn exhausted_descriptors_pause_accepting_then_it_recovers() {
+    if !in_child("exhausted_descriptors_pause_accepting_then_it_recovers") {
+        return;
+    }
+    let mut limits = ExporterLimits::default();
+    // Long enough that the connection held across the test is not cut.
+    limits.request_timeout = Duration::from_secs(30);
+    let (exporter, address) = start(limits);
+    // One connection open before the descriptors run out.
+    let mut early = connect(address);
+    wait_for("the first connection", Duration::from_secs(5), || {
+        exporter.stats().connections == 1
+    });
+
+    let stat = std::fs::File::open("/proc/self/stat").unwrap();
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    rlimit::setrlimit(rlimit::Resource::NOFILE, 64, hard).unwrap();
+    let mut filler = Vec::new();
+    loop {
+        match std::fs::File::open("/dev/null") {
+            Ok(file) => filler.push(file),
+            Err(e) if e.raw_os_error() == Some(24) => break, // EMFILE
+            Err(e) => panic!("opening /dev/null: {e}"),
+        }
+        assert!(filler.len() < 64, "the limit did not take");
+    }
+    // Exactly one descriptor free: the client socket takes it, so the
+    // exporter's accept of that connection must fail with EMFILE.
+    drop(filler.pop());
+    let mut late = connect(address);
+    late.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    wait_for("an accept error", Duration::from_secs(5), || {
+        exporter.stats().accept_errors >= 1
+    });
+
+    // While no descriptor is free: the open connection is still served,
+    // and the exporter retries accept at its backoff, not in a spin.
+    let window = Duration::from_secs(1);
+    let began = Instant::now();
+    let ticks_before = cpu_ticks(&stat);
+    let errors_before = exporter.stats().accept_errors;
+    early
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let answer = read_all(&mut early);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains(PUBLISHED), "{answer}");
+    std::thread::sleep(window.saturating_sub(began.elapsed()));
+    let elapsed = began.elapsed();
+    let ticks = cpu_ticks(&stat) - ticks_before;
+    let retries = exporter.stats().accept_errors - errors_before;
+    assert!(
+        ticks < 30,
+        "{ticks} ticks of CPU over {elapsed:?} without descriptors"
+    );
+    let most = elapsed.as_millis() / limits.accept_backoff.as_millis() + 2;
+    assert!(
+        (1..=most as u64).contains(&retries),
+        "{retries} accept retries over {elapsed:?} (backoff {:?})",
+        limits.accept_backoff
+    );
+
+    // Descriptors back: the waiting connection is accepted and answered,
+    // and new ones are too.
+    filler.truncate(filler.len().saturating_sub(8));
+    let answer = read_all(&mut late);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains(PUBLISHED), "{answer}");
+    assert!(
+        zbroker::metrics::fetch(exporter.address())
+            .unwrap()
+            .contains(PUBLISHED)
+    );
+    let stats = exporter.stats();
+    assert_eq!(stats.connections, 3, "{stats:?}");
+    assert_eq!(stats.scrapes, 3, "{stats:?}");
+    println!("{ticks} CPU ticks and {retries} accept retries over {elapsed:?}; {stats:?}");
+}
