@@ -38,6 +38,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hashbrown::HashMap;
+
 use crate::auth::Acl;
 use crate::config::{Config, Limits, OverflowPolicy, QueueConfig};
 use crate::filter::Filter;
@@ -424,11 +426,19 @@ pub struct Broker<P> {
     next_sweep: Instant,
     publish_log: LogLimiter,
     command_log: LogLimiter,
+    /// Under CURVE: filters held per key, for `max_filters_per_key`.
+    filters_per_key: HashMap<Box<str>, usize>,
+    /// One token bucket for malformed commands from peers the broker does
+    /// not track (they have no record, so no bucket of their own): garbage
+    /// past it is dropped unanswered, and counted.
+    stranger_tokens: f64,
+    stranger_tokens_at: Instant,
 }
 
 impl<P: Payload> Broker<P> {
     /// A broker with no subscribers.
     pub fn new(config: Config, now: Instant) -> Self {
+        let stranger_tokens = f64::from(config_rate(&config));
         Broker {
             queues: Queues::new(&config.queue),
             config,
@@ -443,6 +453,9 @@ impl<P: Payload> Broker<P> {
             next_sweep: now,
             publish_log: LogLimiter::default(),
             command_log: LogLimiter::default(),
+            filters_per_key: HashMap::new(),
+            stranger_tokens,
+            stranger_tokens_at: now,
         }
     }
 
@@ -679,11 +692,14 @@ impl<P: Payload> Broker<P> {
     ) {
         self.send_routed(out);
         let (id, reply) = self.decide(routing_id, key, frames, frame_count, now);
-        self.reply(id, routing_id, reply, now, out);
+        if let Some(reply) = reply {
+            self.reply(id, routing_id, reply, now, out);
+        }
         self.remove_gone();
     }
 
-    /// What to answer a subscriber's message, and who it is (`None`: a
+    /// What to answer a subscriber's message (`None`: nothing, for garbage
+    /// from a stranger past the rate limit), and who it is (`None`: a
     /// routing id the broker does not track).
     fn decide(
         &mut self,
@@ -692,7 +708,7 @@ impl<P: Payload> Broker<P> {
         frames: &[&[u8]],
         frame_count: usize,
         now: Instant,
-    ) -> (Option<SubId>, Reply) {
+    ) -> (Option<SubId>, Option<Reply>) {
         let known = self.subs.lookup(routing_id);
         if let Some(id) = known {
             if let Some(sub) = self.subs.get_mut(id) {
@@ -706,7 +722,7 @@ impl<P: Payload> Broker<P> {
                     "more than {} commands per second; slow down",
                     self.config.limits.max_commands_per_sec
                 );
-                return (known, Reply::Err(ErrorCode::Limit, text));
+                return (known, Some(Reply::Err(ErrorCode::Limit, text)));
             }
         }
         let parsed = if frame_count > frames.len() {
@@ -718,11 +734,15 @@ impl<P: Payload> Broker<P> {
             Ok(command) => command,
             Err(e) => {
                 self.counters.malformed_commands += 1;
+                if known.is_none() && !self.take_stranger_token(now) {
+                    self.counters.refused_rate += 1;
+                    return (None, None);
+                }
                 self.command_log.warn(
                     now,
                     format_args!("refused a command from {}: {e}", Hex(routing_id)),
                 );
-                return (known, Reply::Err(e.code(), e.to_string()));
+                return (known, Some(Reply::Err(e.code(), e.to_string())));
             }
         };
         let id = match known {
@@ -733,9 +753,15 @@ impl<P: Payload> Broker<P> {
                     "the broker holds its limit of {} subscribers; try again later",
                     self.config.limits.max_subscribers
                 );
-                return (None, Reply::Err(ErrorCode::Limit, text));
+                return (None, Some(Reply::Err(ErrorCode::Limit, text)));
             }
-            None => self.subs.insert(routing_id, now),
+            None => {
+                let id = self.subs.insert(routing_id, now);
+                if let Some(sub) = self.subs.get_mut(id) {
+                    sub.key = key.map(Into::into);
+                }
+                id
+            }
         };
         self.counters.commands += 1;
         let reply = match command {
@@ -752,7 +778,22 @@ impl<P: Payload> Broker<P> {
             },
             Command::Unsubscribe(filter) => self.unsubscribe(id, filter),
         };
-        (Some(id), reply)
+        (Some(id), Some(reply))
+    }
+
+    /// The strangers' shared bucket: `max_commands_per_sec`, no burst.
+    fn take_stranger_token(&mut self, now: Instant) -> bool {
+        let rate = f64::from(config_rate(&self.config));
+        let elapsed = now
+            .saturating_duration_since(self.stranger_tokens_at)
+            .as_secs_f64();
+        self.stranger_tokens = (self.stranger_tokens + elapsed * rate).min(rate);
+        self.stranger_tokens_at = now;
+        if self.stranger_tokens < 1.0 {
+            return false;
+        }
+        self.stranger_tokens -= 1.0;
+        true
     }
 
     /// Token bucket: `max_commands_per_sec` sustained. The bucket holds a
@@ -781,10 +822,30 @@ impl<P: Payload> Broker<P> {
             return Reply::Err(ErrorCode::Limit, "subscriber was removed".into());
         };
         if !sub.filters.contains(&filter) {
+            let key_filters = sub
+                .key
+                .as_deref()
+                .map_or(0, |key| self.filters_per_key.get(key).copied().unwrap_or(0));
+            let segments = filter.pattern_segments();
             let refusal = if sub.filters.len() >= limits.max_filters_per_subscriber {
                 Some(format!(
                     "this subscriber holds its limit of {} filters",
                     limits.max_filters_per_subscriber
+                ))
+            } else if segments > limits.max_pattern_segments {
+                Some(format!(
+                    "a pattern of {segments} segments is over the limit of {}",
+                    limits.max_pattern_segments
+                ))
+            } else if key_filters >= limits.max_filters_per_key {
+                Some(format!(
+                    "this key's subscribers hold its limit of {} filters",
+                    limits.max_filters_per_key
+                ))
+            } else if self.index.heap_bytes() >= limits.max_index_bytes {
+                Some(format!(
+                    "the broker's routing index holds its limit of {} bytes",
+                    limits.max_index_bytes
                 ))
             } else if self.index.len() >= limits.max_filters_total {
                 Some(format!(
@@ -800,6 +861,14 @@ impl<P: Payload> Broker<P> {
             }
             self.index.insert(&filter, id);
             sub.filters.insert(filter.clone());
+            if let Some(key) = &sub.key {
+                match self.filters_per_key.get_mut(&**key) {
+                    Some(held) => *held += 1,
+                    None => {
+                        self.filters_per_key.insert(key.clone(), 1);
+                    }
+                }
+            }
         }
         Reply::Ok {
             subscribe: true,
@@ -818,6 +887,9 @@ impl<P: Payload> Broker<P> {
             );
         }
         self.index.remove(&filter, id);
+        if let Some(key) = sub.key.as_deref() {
+            release_key_filters(&mut self.filters_per_key, key, 1);
+        }
         Reply::Ok {
             subscribe: false,
             filter,
@@ -1063,6 +1135,9 @@ impl<P: Payload> Broker<P> {
         for filter in &sub.filters {
             self.index.remove(filter, id);
         }
+        if let Some(key) = sub.key.as_deref() {
+            release_key_filters(&mut self.filters_per_key, key, sub.filters.len());
+        }
         for item in std::mem::take(&mut sub.queue) {
             self.queues.took(&mut sub, &item);
             if matches!(item, Queued::Message { .. }) {
@@ -1115,6 +1190,8 @@ impl<P: Payload> Broker<P> {
                 .max()
                 .unwrap_or(0),
             publishers_paused: u64::from(self.paused),
+            index_heap_bytes: self.index.heap_bytes() as u64,
+            libzmq_queued_bytes: 0,
         }
     }
 
@@ -1151,6 +1228,22 @@ impl<P: Payload> Broker<P> {
     /// Heap bytes held by the routing index (for memory accounting).
     pub fn index_heap_bytes(&self) -> usize {
         self.index.heap_bytes()
+    }
+}
+
+/// The command rate the limits allow, at least 1.
+fn config_rate(config: &Config) -> u32 {
+    config.limits.max_commands_per_sec.max(1)
+}
+
+/// Gives `count` filters back to `key`'s quota; forgets the key at zero, so
+/// the map holds only keys with filters.
+fn release_key_filters(map: &mut HashMap<Box<str>, usize>, key: &str, count: usize) {
+    if let Some(held) = map.get_mut(key) {
+        *held = held.saturating_sub(count);
+        if *held == 0 {
+            map.remove(key);
+        }
     }
 }
 
@@ -1599,5 +1692,117 @@ mod tests {
         command(&mut b, &mut out, b"b", &[b"PING"]);
         assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"limit"]);
         assert_eq!(b.counters().refused_limit, 2);
+    }
+
+    #[test]
+    fn patterns_over_the_segment_limit_are_refused() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.limits.max_pattern_segments = 3;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        command(&mut b, &mut out, b"a", &[b"SUB", b"pattern", b"a.*.c"]);
+        assert_eq!(last_reply(&out)[0], b"OK");
+        command(&mut b, &mut out, b"a", &[b"SUB", b"pattern", b"a.*.c.>"]);
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"limit"]);
+        // Exact and prefix filters are matched byte by byte: no segment limit.
+        command(&mut b, &mut out, b"a", &[b"SUB", b"exact", b"a.b.c.d.e"]);
+        assert_eq!(last_reply(&out)[0], b"OK");
+        assert_eq!(b.counters().refused_limit, 1);
+        assert_eq!(b.subscription_count(), 2);
+    }
+
+    #[test]
+    fn the_index_byte_limit_refuses_once_passed() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.limits.max_index_bytes = 4096;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        let mut confirmed = 0;
+        for i in 0..1000 {
+            let filter = format!("topic.{i:04}.{}", "x".repeat(100));
+            command(
+                &mut b,
+                &mut out,
+                b"a",
+                &[b"SUB", b"exact", filter.as_bytes()],
+            );
+            match last_reply(&out)[0] {
+                b"OK" => confirmed += 1,
+                _ => break,
+            }
+        }
+        assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"limit"]);
+        assert!(confirmed > 0 && confirmed < 1000, "{confirmed} confirmed");
+        // Refused from the first filter past the limit on: one filter's
+        // worth of overshoot at most.
+        assert!(
+            b.index_heap_bytes() < 4096 + 512,
+            "{}",
+            b.index_heap_bytes()
+        );
+    }
+
+    #[test]
+    fn one_key_cannot_hold_more_than_its_quota() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.limits.max_filters_per_key = 3;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        let sub = |b: &mut Broker<Bytes>, out: &mut Recorder, who: &[u8], key, f: &str| {
+            b.on_command(who, key, &[b"SUB", b"exact", f.as_bytes()], 3, now, out);
+            out.replies.last().unwrap().1[0].clone()
+        };
+        // Two connections of the same key share its quota.
+        assert_eq!(sub(&mut b, &mut out, b"a", Some("K"), "1"), b"OK");
+        assert_eq!(sub(&mut b, &mut out, b"b", Some("K"), "2"), b"OK");
+        assert_eq!(sub(&mut b, &mut out, b"b", Some("K"), "3"), b"OK");
+        assert_eq!(sub(&mut b, &mut out, b"a", Some("K"), "4"), b"ERR");
+        // Another key is not affected.
+        assert_eq!(sub(&mut b, &mut out, b"c", Some("L"), "4"), b"OK");
+        // An UNSUB, or a subscriber forgotten, gives quota back.
+        b.on_command(
+            b"b",
+            Some("K"),
+            &[b"UNSUB", b"exact", b"3"],
+            3,
+            now,
+            &mut out,
+        );
+        assert_eq!(sub(&mut b, &mut out, b"a", Some("K"), "4"), b"OK");
+        assert_eq!(sub(&mut b, &mut out, b"a", Some("K"), "5"), b"ERR");
+        out.gone.insert(b"b".to_vec());
+        let mut frames: [Bytes; 2] = [Rc::from(&b"2"[..]), Rc::from(&b"p"[..])];
+        let _ = b.on_publish(None, &mut frames, 2, now, &mut out);
+        assert_eq!(sub(&mut b, &mut out, b"a", Some("K"), "5"), b"OK");
+    }
+
+    #[test]
+    fn garbage_from_strangers_shares_one_rate_limit() {
+        let now = Instant::now();
+        let mut config = Config::default();
+        config.limits.max_commands_per_sec = 10;
+        let mut b = Broker::new(config, now);
+        let mut out = Recorder::default();
+        for i in 0..100u32 {
+            // A new routing id each time: no record, no bucket of its own.
+            b.on_command(&i.to_be_bytes(), None, &[b"NOPE"], 1, now, &mut out);
+        }
+        assert_eq!(
+            out.replies.len(),
+            10,
+            "the shared bucket holds a second's worth"
+        );
+        assert_eq!(b.counters().malformed_commands, 100);
+        assert_eq!(b.counters().refused_rate, 90);
+        // A well-formed first command from a newcomer is not held back.
+        command(&mut b, &mut out, b"honest", &[b"PING"]);
+        assert_eq!(last_reply(&out), [b"PONG"]);
+        // The bucket refills with time.
+        let later = now + Duration::from_millis(500);
+        b.on_command(b"x", None, &[b"NOPE"], 1, later, &mut out);
+        assert_eq!(last_reply(&out)[0], b"ERR");
     }
 }

@@ -66,6 +66,19 @@ pub struct Config {
     /// comparison harness gives libzmq's proxy the same depths
     /// (`ZBROKER_LIBZMQ` in benches/compare/src/servers.rs): keep them in step.
     pub sub_hwm: i32,
+    /// Bytes libzmq's pipe to each publisher may hold, on top of
+    /// [`pub_hwm`](Self::pub_hwm)'s message count: without it, a pipe of
+    /// 1,000 large messages could hold 1,000 × `max_message_size`. Counts
+    /// each message part's size; a message, once begun, is always taken
+    /// whole, so the bound may be passed by one message.
+    pub pub_hwm_bytes: i64,
+    /// Bytes libzmq's pipe to each subscriber may hold, on top of
+    /// [`sub_hwm`](Self::sub_hwm)'s message count; beyond it deliveries
+    /// wait in the broker's own byte-bounded queue ([`QueueConfig`]), where
+    /// they count in `zbroker_queued_bytes`. Shared payloads count once per
+    /// subscriber, as in the broker's queues. What the pipes hold now is
+    /// `zbroker_libzmq_queued_bytes`.
+    pub sub_hwm_bytes: i64,
     /// Bytes libzmq moves per system call where the messages flow: the
     /// PULL's `ZMQ_IN_BATCH_SIZE` (reads from each publisher) and the
     /// ROUTER's `ZMQ_OUT_BATCH_SIZE` (writes to each subscriber). libzmq's
@@ -107,6 +120,8 @@ impl Default for Config {
             zmtp_heartbeat: Duration::from_secs(30),
             pub_hwm: 1000,
             sub_hwm: 3000,
+            pub_hwm_bytes: 8 << 20,
+            sub_hwm_bytes: 8 << 20,
             io_batch: 65536,
             io_threads: 1,
             linger: Duration::from_secs(2),
@@ -141,7 +156,29 @@ pub struct Limits {
     /// beyond a full re-subscribe (`max_filters_per_subscriber`, always
     /// allowed); more are dropped and counted.
     pub max_queued_replies: usize,
+    /// Most `.`-separated segments in a pattern filter. Matching a topic
+    /// against patterns visits at most 2^(n+1) trie nodes for n segments,
+    /// so this bounds the CPU one publish can cost (README, "Security").
+    pub max_pattern_segments: usize,
+    /// Most heap bytes the routing index may hold (its running count, as in
+    /// `zbroker_index_heap_bytes`); past it, `SUB` gets `[ERR, limit, …]`.
+    pub max_index_bytes: usize,
+    /// Under CURVE: most filters the subscribers of one key may hold
+    /// together, so that one key cannot take `max_filters_total` from the
+    /// others.
+    pub max_filters_per_key: usize,
+    /// Most live connections per bound endpoint; one more is accepted and
+    /// closed at once, and counted. Keeps descriptors for everyone else.
+    pub max_connections: usize,
 }
+
+/// Upper bound of `max_topic_len` and `max_filter_len`: every structure
+/// that walks a topic or filter stays within fixed stack and time.
+pub const MAX_LENGTH_SETTING: usize = 64 << 10;
+/// Upper bound of `max_pattern_segments`.
+pub const MAX_PATTERN_SEGMENTS_SETTING: usize = 1024;
+/// Upper bound of `max_message_size`: 1 GiB.
+pub const MAX_MESSAGE_SIZE_SETTING: i64 = 1 << 30;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -154,6 +191,10 @@ impl Default for Limits {
             max_message_size: 16 << 20,
             max_commands_per_sec: 5_000,
             max_queued_replies: 1_024,
+            max_pattern_segments: 16,
+            max_index_bytes: 1 << 30,
+            max_filters_per_key: 100_000,
+            max_connections: 100_000,
         }
     }
 }
@@ -283,8 +324,46 @@ impl Config {
     /// what to change.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |what: String| Err(ConfigError::Invalid(what));
-        if self.limits.max_topic_len == 0 {
-            return invalid("limits.max_topic_len must be at least 1".into());
+        let limits = &self.limits;
+        for (name, value) in [
+            ("max_topic_len", limits.max_topic_len),
+            ("max_filter_len", limits.max_filter_len),
+        ] {
+            if !(1..=MAX_LENGTH_SETTING).contains(&value) {
+                return invalid(format!(
+                    "limits.{name} {value} is out of range; use 1 to {MAX_LENGTH_SETTING}"
+                ));
+            }
+        }
+        if !(1..=MAX_PATTERN_SEGMENTS_SETTING).contains(&limits.max_pattern_segments) {
+            return invalid(format!(
+                "limits.max_pattern_segments {} is out of range; use 1 to \
+                 {MAX_PATTERN_SEGMENTS_SETTING}",
+                limits.max_pattern_segments
+            ));
+        }
+        if !(1..=MAX_MESSAGE_SIZE_SETTING).contains(&limits.max_message_size) {
+            return invalid(format!(
+                "limits.max_message_size {} is out of range; use 1 to {MAX_MESSAGE_SIZE_SETTING} \
+                 bytes",
+                limits.max_message_size
+            ));
+        }
+        for (name, value) in [
+            ("max_index_bytes", limits.max_index_bytes),
+            ("max_filters_per_key", limits.max_filters_per_key),
+            ("max_connections", limits.max_connections),
+        ] {
+            if value == 0 {
+                return invalid(format!("limits.{name} must be at least 1"));
+            }
+        }
+        if limits.max_connections > i32::MAX as usize {
+            return invalid(format!(
+                "limits.max_connections {} is out of range; use at most {}",
+                limits.max_connections,
+                i32::MAX
+            ));
         }
         if self.limits.max_filters_per_subscriber == 0 || self.limits.max_subscribers == 0 {
             return invalid(
@@ -310,6 +389,14 @@ impl Config {
             if hwm < 1 {
                 // libzmq reads 0 as "no limit": memory bounded by nothing.
                 return invalid(format!("{name} {hwm} must be at least 1"));
+            }
+        }
+        for (name, bytes) in [
+            ("pub_hwm_bytes", self.pub_hwm_bytes),
+            ("sub_hwm_bytes", self.sub_hwm_bytes),
+        ] {
+            if bytes < 1 {
+                return invalid(format!("{name} {bytes} must be at least 1"));
             }
         }
         if !(1024..=1 << 20).contains(&self.io_batch) {
@@ -383,6 +470,32 @@ mod tests {
         ] {
             assert!(!is_local(remote), "{remote}");
         }
+    }
+
+    #[test]
+    fn every_length_setting_has_an_upper_bound() {
+        let refused = |edit: fn(&mut Config)| {
+            let mut config = Config::default();
+            edit(&mut config);
+            match config.validate() {
+                Err(ConfigError::Invalid(text)) => text,
+                other => panic!("accepted: {other:?}"),
+            }
+        };
+        assert!(refused(|c| c.limits.max_filter_len = 262_144).contains("max_filter_len"));
+        assert!(refused(|c| c.limits.max_topic_len = 65_537).contains("65536"));
+        assert!(refused(|c| c.limits.max_pattern_segments = 1025).contains("1024"));
+        assert!(refused(|c| c.limits.max_pattern_segments = 0).contains("max_pattern_segments"));
+        assert!(refused(|c| c.limits.max_message_size = -1).contains("max_message_size"));
+        assert!(refused(|c| c.limits.max_message_size = 2 << 30).contains("max_message_size"));
+        assert!(refused(|c| c.sub_hwm_bytes = 0).contains("sub_hwm_bytes"));
+        assert!(refused(|c| c.limits.max_connections = 0).contains("max_connections"));
+        let mut at_bounds = Config::default();
+        at_bounds.limits.max_filter_len = MAX_LENGTH_SETTING;
+        at_bounds.limits.max_topic_len = MAX_LENGTH_SETTING;
+        at_bounds.limits.max_pattern_segments = MAX_PATTERN_SEGMENTS_SETTING;
+        at_bounds.limits.max_message_size = MAX_MESSAGE_SIZE_SETTING;
+        assert!(at_bounds.validate().is_ok());
     }
 
     #[test]

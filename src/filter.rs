@@ -165,6 +165,16 @@ impl Filter {
         &self.text
     }
 
+    /// For a pattern, its number of `.`-separated segments (what
+    /// `max_pattern_segments` limits); 0 for the other kinds, which are
+    /// matched byte by byte.
+    pub fn pattern_segments(&self) -> usize {
+        match self.kind {
+            FilterKind::Pattern => 1 + self.text.iter().filter(|&&b| b == SEPARATOR).count(),
+            FilterKind::Exact | FilterKind::Prefix => 0,
+        }
+    }
+
     /// Whether this filter matches `topic`: the reference definition, by
     /// brute force. The routing index gives the same answers faster.
     pub fn matches(&self, topic: &[u8]) -> bool {

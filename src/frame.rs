@@ -185,6 +185,13 @@ pub fn monitor_event(frames: &[Vec<u8>]) -> Option<u16> {
     Some(u16::from_le_bytes([*first.first()?, *first.get(1)?]))
 }
 
+/// The 32-bit value of a libzmq monitor event (an errno, a descriptor, a
+/// reason code), from the same first frame.
+pub fn monitor_event_value(frames: &[Vec<u8>]) -> Option<u32> {
+    let value = frames.first()?.get(2..6)?;
+    Some(u32::from_le_bytes([value[0], value[1], value[2], value[3]]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

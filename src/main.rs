@@ -144,6 +144,18 @@ struct RunArgs {
     /// Commands per second one subscriber may send, sustained [default: 5000].
     #[arg(long)]
     max_commands_per_sec: Option<u32>,
+    /// Most segments in a pattern filter, 1 to 1024; bounds the CPU a publish costs [default: 16].
+    #[arg(long)]
+    max_pattern_segments: Option<usize>,
+    /// Most heap bytes of the routing index; past it SUB is refused [default: 1 GiB].
+    #[arg(long)]
+    max_index_bytes: Option<usize>,
+    /// Under CURVE: most filters held by the subscribers of one key [default: 100000].
+    #[arg(long)]
+    max_filters_per_key: Option<usize>,
+    /// Most live connections per endpoint; more are closed at once [default: 100000].
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Most messages queued in the broker for one slow subscriber [default: 10000].
     #[arg(long)]
     queue_max_messages: Option<usize>,
@@ -167,6 +179,12 @@ struct RunArgs {
     /// libzmq's queue to each subscriber in messages, the ROUTER's SNDHWM [default: 3000].
     #[arg(long)]
     sub_hwm: Option<i32>,
+    /// libzmq's queue from each publisher in bytes, on top of --pub-hwm [default: 8 MiB].
+    #[arg(long)]
+    pub_hwm_bytes: Option<i64>,
+    /// libzmq's queue to each subscriber in bytes, on top of --sub-hwm [default: 8 MiB].
+    #[arg(long)]
+    sub_hwm_bytes: Option<i64>,
     /// Bytes libzmq reads from a publisher or writes to a subscriber per
     /// system call, 1024 to 1048576 [default: 65536].
     #[arg(long)]
@@ -230,6 +248,13 @@ impl RunArgs {
             &mut c.limits.max_commands_per_sec,
             &self.max_commands_per_sec,
         );
+        set(
+            &mut c.limits.max_pattern_segments,
+            &self.max_pattern_segments,
+        );
+        set(&mut c.limits.max_index_bytes, &self.max_index_bytes);
+        set(&mut c.limits.max_filters_per_key, &self.max_filters_per_key);
+        set(&mut c.limits.max_connections, &self.max_connections);
         set(&mut c.queue.max_messages, &self.queue_max_messages);
         set(&mut c.queue.max_bytes, &self.queue_max_bytes);
         set(&mut c.queue.max_total_bytes, &self.queue_max_total_bytes);
@@ -237,6 +262,8 @@ impl RunArgs {
         set(&mut c.queue.disconnect_after, &self.disconnect_after);
         set(&mut c.pub_hwm, &self.pub_hwm);
         set(&mut c.sub_hwm, &self.sub_hwm);
+        set(&mut c.pub_hwm_bytes, &self.pub_hwm_bytes);
+        set(&mut c.sub_hwm_bytes, &self.sub_hwm_bytes);
         set(&mut c.io_batch, &self.io_batch);
         set(&mut c.io_threads, &self.io_threads);
         set(&mut c.linger, &self.linger);

@@ -87,6 +87,11 @@ pub struct Snapshot {
     pub max_queue_depth: u64,
     /// 1 while the `backpressure` policy holds publishers back, else 0.
     pub publishers_paused: u64,
+    /// Heap bytes of the routing index (what `max_index_bytes` bounds).
+    pub index_heap_bytes: u64,
+    /// Bytes in libzmq's pipes to subscribers now (what `sub_hwm_bytes`
+    /// bounds per subscriber), shared payloads counted per subscriber.
+    pub libzmq_queued_bytes: u64,
     /// Connection-level figures the event loop adds (zero in the bare core).
     pub connections: Connections,
 }
@@ -105,6 +110,23 @@ pub struct Connections {
     pub handshake_failures: u64,
     /// CURVE keys the ZAP handler refused.
     pub auth_denied: u64,
+    /// Peers libzmq dropped or refused on the publisher endpoint.
+    pub publisher_refusals: Refusals,
+    /// Peers libzmq dropped or refused on the subscriber endpoint.
+    pub subscriber_refusals: Refusals,
+}
+
+/// Peers one endpoint's libzmq socket dropped or refused, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Dropped for a message part over `max_message_size`.
+    pub message_size: u64,
+    /// Dropped for a message of more parts than any protocol v1 message.
+    pub message_parts: u64,
+    /// Connections closed at once, over `max_connections`.
+    pub connections: u64,
+    /// `accept` calls that failed (mostly: out of descriptors).
+    pub accept_failures: u64,
 }
 
 /// Renders a snapshot in the Prometheus/OpenMetrics text format.
@@ -175,7 +197,47 @@ pub fn render(snapshot: &Snapshot) -> String {
         &'static str,
         Vec<(&'static str, u64)>,
     );
-    let labelled: [LabelledCounter; 4] = [
+    let (pubs, subs) = (
+        &snapshot.connections.publisher_refusals,
+        &snapshot.connections.subscriber_refusals,
+    );
+    let labelled: [LabelledCounter; 8] = [
+        (
+            "oversize_disconnects",
+            "Peers dropped for a message part over max_message_size, by endpoint",
+            "endpoint",
+            vec![
+                ("publisher", pubs.message_size),
+                ("subscriber", subs.message_size),
+            ],
+        ),
+        (
+            "multipart_disconnects",
+            "Peers dropped for a message of too many parts, by endpoint",
+            "endpoint",
+            vec![
+                ("publisher", pubs.message_parts),
+                ("subscriber", subs.message_parts),
+            ],
+        ),
+        (
+            "connections_refused",
+            "Connections closed at once, over max_connections, by endpoint",
+            "endpoint",
+            vec![
+                ("publisher", pubs.connections),
+                ("subscriber", subs.connections),
+            ],
+        ),
+        (
+            "accept_failures",
+            "Failed accepts (mostly: out of descriptors), by endpoint",
+            "endpoint",
+            vec![
+                ("publisher", pubs.accept_failures),
+                ("subscriber", subs.accept_failures),
+            ],
+        ),
         (
             "messages_dropped",
             "Routed or published messages dropped, by reason",
@@ -236,7 +298,17 @@ pub fn render(snapshot: &Snapshot) -> String {
     auth.inc_by(snapshot.connections.auth_denied);
     registry.register("auth_denied", "CURVE keys the ZAP handler refused", auth);
 
-    let gauges: [(&str, &str, u64); 8] = [
+    let gauges: [(&str, &str, u64); 10] = [
+        (
+            "index_heap_bytes",
+            "Heap bytes of the routing index",
+            snapshot.index_heap_bytes,
+        ),
+        (
+            "libzmq_queued_bytes",
+            "Bytes in libzmq's pipes to subscribers",
+            snapshot.libzmq_queued_bytes,
+        ),
         ("subscribers", "Subscribers tracked", snapshot.subscribers),
         (
             "subscriptions",
@@ -283,6 +355,109 @@ pub fn render(snapshot: &Snapshot) -> String {
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
     text
+}
+
+/// Limits the metrics [`Exporter`] holds every peer to. [`Default`] gives
+/// the documented defaults; change fields on a default value
+/// (`let mut l = ExporterLimits::default(); l.max_connections = 8;`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExporterLimits {
+    /// Connections open at once (default 64). A connection accepted over
+    /// this gets a best-effort `503 Service Unavailable` and is closed at
+    /// once, so a flood of idle connections costs one descriptor for an
+    /// instant each and never queues honest scrapers behind it in the
+    /// listen backlog. 0 refuses every connection.
+    pub max_connections: usize,
+    /// Bytes of request line plus headers buffered per connection (default
+    /// 8 KiB). A request whose head does not end within this many bytes, or
+    /// that has more than 64 headers, gets `431 Request Header Fields Too
+    /// Large` and is closed.
+    pub max_header_bytes: usize,
+    /// The most time one connection may take, from accept to the last byte
+    /// of its response (default 5 s): past it the connection is closed
+    /// whatever state it is in, so slow senders and readers cannot keep a
+    /// slot.
+    pub request_timeout: std::time::Duration,
+    /// How long the exporter stops accepting after `accept` fails for lack
+    /// of resources (`EMFILE`, `ENFILE`, `ENOBUFS`, ...) (default 100 ms).
+    /// Connections already open are served meanwhile; pending ones wait in
+    /// the kernel's backlog.
+    pub accept_backoff: std::time::Duration,
+}
+
+impl ExporterLimits {
+    /// The defaults: 64 connections, 8 KiB of request head, 5 s per
+    /// connection, 100 ms pause after an accept error.
+    pub const DEFAULT: ExporterLimits = ExporterLimits {
+        max_connections: 64,
+        max_header_bytes: 8 * 1024,
+        request_timeout: std::time::Duration::from_secs(5),
+        accept_backoff: std::time::Duration::from_millis(100),
+    };
+}
+
+impl Default for ExporterLimits {
+    /// [`ExporterLimits::DEFAULT`].
+    fn default() -> Self {
+        ExporterLimits::DEFAULT
+    }
+}
+
+/// What the exporter has done since it started, read by
+/// [`Exporter::stats`]. Every field is a monotonic count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExporterStats {
+    /// Connections accepted and kept (under `max_connections`).
+    pub connections: u64,
+    /// Connections accepted and closed at once because `max_connections`
+    /// were open.
+    pub refused_at_cap: u64,
+    /// Requests answered `431` because their head passed `max_header_bytes`
+    /// or had too many headers.
+    pub headers_too_large: u64,
+    /// Requests answered `400` because they were not HTTP/1.x.
+    pub bad_requests: u64,
+    /// Connections closed because they passed `request_timeout` before
+    /// their response was written.
+    pub timed_out: u64,
+    /// `accept` calls that failed for any reason other than "no connection
+    /// pending": each one either pauses accepting for `accept_backoff`
+    /// (resource errors such as `EMFILE`) or drops one aborted connection.
+    pub accept_errors: u64,
+    /// `GET /metrics` (or `HEAD`) requests answered `200`.
+    pub scrapes: u64,
+}
+
+/// The exporter's counters, shared between its thread and [`Exporter`].
+#[derive(Debug, Default)]
+struct SharedStats {
+    connections: std::sync::atomic::AtomicU64,
+    refused_at_cap: std::sync::atomic::AtomicU64,
+    headers_too_large: std::sync::atomic::AtomicU64,
+    bad_requests: std::sync::atomic::AtomicU64,
+    timed_out: std::sync::atomic::AtomicU64,
+    accept_errors: std::sync::atomic::AtomicU64,
+    scrapes: std::sync::atomic::AtomicU64,
+}
+
+impl SharedStats {
+    fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn read(&self) -> ExporterStats {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        ExporterStats {
+            connections: get(&self.connections),
+            refused_at_cap: get(&self.refused_at_cap),
+            headers_too_large: get(&self.headers_too_large),
+            bad_requests: get(&self.bad_requests),
+            timed_out: get(&self.timed_out),
+            accept_errors: get(&self.accept_errors),
+            scrapes: get(&self.scrapes),
+        }
+    }
 }
 
 /// Serves `GET /metrics` over HTTP/1.1 from one background thread, rendering

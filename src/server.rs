@@ -22,7 +22,7 @@ use crate::auth::{self, Acl, KeyList, ServerKeys, ZapHandler};
 use crate::broker::{Broker, SendOutcome, Transport};
 use crate::config::Config;
 use crate::frame::Frame;
-use crate::metrics::{Connections, Exporter, LogLimiter, Snapshot};
+use crate::metrics::{Connections, Exporter, LogLimiter, Refusals, Snapshot};
 use crate::subscribers::RoutingId;
 
 const PUBLISHERS: Token = Token(0);
@@ -49,6 +49,28 @@ const COMMAND_HWM: i32 = 1000;
 /// (vendor/zmq-sys builds one).
 const ZMQ_IN_BATCH_SIZE: c_int = 101;
 const ZMQ_OUT_BATCH_SIZE: c_int = 102;
+
+/// The options and monitor event zbroker's own libzmq build adds (zmq.h in
+/// vendor/zeromq-src; vendor/zmq-sys/README.md says why each exists).
+const ZMQ_ZBROKER_MAXMSGPARTS: c_int = 1001;
+const ZMQ_ZBROKER_SNDHWM_BYTES: c_int = 1002;
+const ZMQ_ZBROKER_RCVHWM_BYTES: c_int = 1003;
+const ZMQ_ZBROKER_MAX_CONNECTIONS: c_int = 1004;
+const ZMQ_ZBROKER_OUT_BYTES: c_int = 1005;
+const ZMQ_EVENT_ZBROKER_REFUSED: u16 = 0x8000;
+const REFUSED_MESSAGE_SIZE: u32 = 1;
+const REFUSED_MESSAGE_PARTS: u32 = 2;
+const REFUSED_CONNECTIONS: u32 = 3;
+
+/// Most parts a message from any peer may have. Protocol v1's longest
+/// message has three; the broker reads the extra parts of a longer one and
+/// refuses it as malformed, but past this libzmq drops the peer instead of
+/// holding an endless message (README, "Security").
+const MAX_MESSAGE_PARTS: c_int = 16;
+
+/// libzmq's byte bound on each subscriber's queue of commands (with
+/// [`COMMAND_HWM`] messages): commands are a few hundred bytes.
+const COMMAND_HWM_BYTES: i64 = 1 << 20;
 
 /// Why the broker could not start or had to stop.
 #[derive(Debug)]
@@ -268,12 +290,15 @@ pub fn check(config: &Config) -> Result<Option<Security>, ServerError> {
     }))
 }
 
-/// Counts one broker socket's connections and failed handshakes through a
-/// libzmq socket monitor.
+/// Counts one broker socket's connections, failed handshakes and refused
+/// peers through a libzmq socket monitor.
 struct Watch {
+    name: &'static str,
     monitor: zmq::Socket,
     open: u64,
     handshake_failures: u64,
+    /// Peers libzmq dropped or refused, by reason.
+    refusals: Refusals,
     log: LogLimiter,
 }
 
@@ -281,46 +306,92 @@ impl Watch {
     fn attach(
         context: &zmq::Context,
         socket: &zmq::Socket,
-        name: &str,
+        name: &'static str,
     ) -> Result<Watch, ServerError> {
         use zmq::SocketEvent as E;
         let endpoint = format!("inproc://zbroker-monitor-{name}");
         let events = [
             E::ACCEPTED,
+            E::ACCEPT_FAILED,
             E::DISCONNECTED,
             E::HANDSHAKE_FAILED_NO_DETAIL,
             E::HANDSHAKE_FAILED_PROTOCOL,
             E::HANDSHAKE_FAILED_AUTH,
         ]
         .iter()
-        .fold(0, |all, e| all | *e as i32);
+        .fold(i32::from(ZMQ_EVENT_ZBROKER_REFUSED), |all, e| {
+            all | *e as i32
+        });
         zmq_call("start a socket monitor", socket.monitor(&endpoint, events))?;
         let monitor = zmq_call("create a monitor socket", context.socket(zmq::PAIR))?;
         zmq_call("connect the monitor", monitor.connect(&endpoint))?;
         Ok(Watch {
+            name,
             monitor,
             open: 0,
             handshake_failures: 0,
+            refusals: Refusals::default(),
             log: LogLimiter::default(),
         })
     }
 
     fn drain(&mut self) {
         use zmq::SocketEvent as E;
+        const ACCEPTED: u16 = E::ACCEPTED as u16;
+        const ACCEPT_FAILED: u16 = E::ACCEPT_FAILED as u16;
+        const DISCONNECTED: u16 = E::DISCONNECTED as u16;
+        const FAILED_NO_DETAIL: u16 = E::HANDSHAKE_FAILED_NO_DETAIL as u16;
+        const FAILED_PROTOCOL: u16 = E::HANDSHAKE_FAILED_PROTOCOL as u16;
+        const FAILED_AUTH: u16 = E::HANDSHAKE_FAILED_AUTH as u16;
         while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
             let Some(event) = crate::frame::monitor_event(&frames) else {
                 continue;
             };
-            match E::from_raw(event) {
-                E::ACCEPTED => self.open += 1,
-                E::DISCONNECTED => self.open = self.open.saturating_sub(1),
-                E::HANDSHAKE_FAILED_NO_DETAIL
-                | E::HANDSHAKE_FAILED_PROTOCOL
-                | E::HANDSHAKE_FAILED_AUTH => {
+            let value = crate::frame::monitor_event_value(&frames).unwrap_or(0);
+            let now = Instant::now();
+            // Matched on the raw value: the zmq crate's SocketEvent panics
+            // on events it does not know, such as this build's own.
+            match event {
+                ACCEPTED => self.open += 1,
+                DISCONNECTED => self.open = self.open.saturating_sub(1),
+                FAILED_NO_DETAIL | FAILED_PROTOCOL | FAILED_AUTH => {
                     self.handshake_failures += 1;
                     self.log.warn(
-                        Instant::now(),
+                        now,
                         format_args!("a client failed the handshake (event {event:#x})"),
+                    );
+                }
+                ACCEPT_FAILED => {
+                    self.refusals.accept_failures += 1;
+                    let error = std::io::Error::from_raw_os_error(value as i32);
+                    self.log.warn(
+                        now,
+                        format_args!(
+                            "cannot accept a {} connection: {error} (raise the open-file \
+                             limit, or lower --max-connections)",
+                            self.name
+                        ),
+                    );
+                }
+                ZMQ_EVENT_ZBROKER_REFUSED => {
+                    let why = match value {
+                        REFUSED_MESSAGE_SIZE => {
+                            self.refusals.message_size += 1;
+                            "a message part over --max-message-size"
+                        }
+                        REFUSED_MESSAGE_PARTS => {
+                            self.refusals.message_parts += 1;
+                            "a message of too many parts"
+                        }
+                        REFUSED_CONNECTIONS => {
+                            self.refusals.connections += 1;
+                            "over --max-connections"
+                        }
+                        _ => "an unknown reason",
+                    };
+                    self.log.warn(
+                        now,
+                        format_args!("dropped a {} connection: {why}", self.name),
                     );
                 }
                 _ => {}
@@ -358,6 +429,8 @@ pub struct Server {
     /// CURVE is on: only then do messages carry a User-Id worth reading
     /// (the lookup is a measurable share of a publish's cost).
     authenticated: bool,
+    /// libzmq's `ZMQ_ZBROKER_OUT_BYTES` on the ROUTER as of the last tick.
+    libzmq_queued_bytes: u64,
 }
 
 fn zmq_call<T>(what: &'static str, result: zmq::Result<T>) -> Result<T, ServerError> {
@@ -365,7 +438,7 @@ fn zmq_call<T>(what: &'static str, result: zmq::Result<T>) -> Result<T, ServerEr
 }
 
 fn set_common_options(
-    socket: &zmq::Socket,
+    socket: &mut zmq::Socket,
     config: &Config,
     security: Option<&Security>,
     domain: &str,
@@ -400,24 +473,64 @@ fn set_common_options(
         socket.set_maxmsgsize(config.limits.max_message_size),
     )?;
     zmq_call("set ZMQ_LINGER", socket.set_linger(0))?;
+    zmq_call(
+        "set ZMQ_ZBROKER_MAXMSGPARTS (needs zbroker's libzmq)",
+        set_int_option(socket, ZMQ_ZBROKER_MAXMSGPARTS, MAX_MESSAGE_PARTS),
+    )?;
+    let max_connections = c_int::try_from(config.limits.max_connections).unwrap_or(c_int::MAX);
+    zmq_call(
+        "set ZMQ_ZBROKER_MAX_CONNECTIONS",
+        set_int_option(socket, ZMQ_ZBROKER_MAX_CONNECTIONS, max_connections),
+    )?;
     Ok(())
 }
 
 /// Sets an `int` socket option the `zmq` crate has no setter for.
 fn set_int_option(socket: &mut zmq::Socket, option: c_int, value: c_int) -> zmq::Result<()> {
+    set_option(socket, option, value)
+}
+
+/// Sets an `int64_t` socket option the `zmq` crate has no setter for.
+fn set_i64_option(socket: &mut zmq::Socket, option: c_int, value: i64) -> zmq::Result<()> {
+    set_option(socket, option, value)
+}
+
+/// `zmq_setsockopt` with a plain integer value of the option's own width.
+fn set_option<T: Copy>(socket: &mut zmq::Socket, option: c_int, value: T) -> zmq::Result<()> {
     // SAFETY: the socket handle is live for as long as `socket` is, and
-    // libzmq reads exactly `size_of::<c_int>()` bytes from `value`, which
-    // outlives the call.
+    // libzmq reads exactly
+    // `size_of::<T>()` bytes from `value`, which outlives the call.
     let rc = unsafe {
         zmq_sys::zmq_setsockopt(
             socket.as_mut_ptr(),
             option,
-            (&value as *const c_int).cast(),
-            std::mem::size_of::<c_int>(),
+            (&value as *const T).cast(),
+            std::mem::size_of::<T>(),
         )
     };
     if rc == 0 {
         Ok(())
+    } else {
+        Err(crate::frame::last_error())
+    }
+}
+
+/// Reads an `int64_t` socket option the `zmq` crate has no getter for.
+fn get_i64_option(socket: &mut zmq::Socket, option: c_int) -> zmq::Result<i64> {
+    let mut value: i64 = 0;
+    let mut len = std::mem::size_of::<i64>();
+    // SAFETY: as in `set_option`; libzmq writes at most `len` bytes into
+    // `value` and the written length into `len`.
+    let rc = unsafe {
+        zmq_sys::zmq_getsockopt(
+            socket.as_mut_ptr(),
+            option,
+            (&mut value as *mut i64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
     } else {
         Err(crate::frame::last_error())
     }
@@ -463,8 +576,17 @@ impl Server {
             None => None,
         };
         let mut pull = zmq_call("create the PULL socket", context.socket(zmq::PULL))?;
-        set_common_options(&pull, &config, security.as_ref(), auth::PUBLISHER_DOMAIN)?;
+        set_common_options(
+            &mut pull,
+            &config,
+            security.as_ref(),
+            auth::PUBLISHER_DOMAIN,
+        )?;
         zmq_call("set ZMQ_RCVHWM", pull.set_rcvhwm(config.pub_hwm))?;
+        zmq_call(
+            "set ZMQ_ZBROKER_RCVHWM_BYTES",
+            set_i64_option(&mut pull, ZMQ_ZBROKER_RCVHWM_BYTES, config.pub_hwm_bytes),
+        )?;
         zmq_call(
             "set ZMQ_IN_BATCH_SIZE (needs libzmq's DRAFT API)",
             set_int_option(&mut pull, ZMQ_IN_BATCH_SIZE, config.io_batch),
@@ -472,7 +594,12 @@ impl Server {
         let pub_endpoint = bind(&pull, "publisher", &config.pub_bind)?;
 
         let mut router = zmq_call("create the ROUTER socket", context.socket(zmq::ROUTER))?;
-        set_common_options(&router, &config, security.as_ref(), auth::SUBSCRIBER_DOMAIN)?;
+        set_common_options(
+            &mut router,
+            &config,
+            security.as_ref(),
+            auth::SUBSCRIBER_DOMAIN,
+        )?;
         // Without MANDATORY, ROUTER silently drops what it cannot send; with
         // it, a full pipe is EAGAIN (queue and retry) and a vanished peer is
         // EHOSTUNREACH (free it at once).
@@ -482,6 +609,14 @@ impl Server {
         )?;
         zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(config.sub_hwm))?;
         zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(COMMAND_HWM))?;
+        zmq_call(
+            "set ZMQ_ZBROKER_SNDHWM_BYTES",
+            set_i64_option(&mut router, ZMQ_ZBROKER_SNDHWM_BYTES, config.sub_hwm_bytes),
+        )?;
+        zmq_call(
+            "set ZMQ_ZBROKER_RCVHWM_BYTES",
+            set_i64_option(&mut router, ZMQ_ZBROKER_RCVHWM_BYTES, COMMAND_HWM_BYTES),
+        )?;
         zmq_call(
             "set ZMQ_OUT_BATCH_SIZE (needs libzmq's DRAFT API)",
             set_int_option(&mut router, ZMQ_OUT_BATCH_SIZE, config.io_batch),
@@ -563,6 +698,7 @@ impl Server {
             overflow_frame: Frame::new(),
             user_id: String::new(),
             authenticated: zap_on,
+            libzmq_queued_bytes: 0,
         })
     }
 
@@ -620,6 +756,9 @@ impl Server {
                     .core
                     .tick(now, &mut RouterTransport::new(&mut self.router));
                 self.watch_connections();
+                // Summed over every subscriber pipe: once a tick, not per send.
+                self.libzmq_queued_bytes = get_i64_option(&mut self.router, ZMQ_ZBROKER_OUT_BYTES)
+                    .map_or(0, |bytes| bytes.max(0) as u64);
                 self.stats.publish(self.snapshot());
             }
             if self.stopper.requested.load(Ordering::Acquire) {
@@ -680,7 +819,10 @@ impl Server {
             handshake_failures: self.publisher_watch.handshake_failures
                 + self.subscriber_watch.handshake_failures,
             auth_denied: self.zap.as_ref().map_or(0, |z| z.denied),
+            publisher_refusals: self.publisher_watch.refusals.clone(),
+            subscriber_refusals: self.subscriber_watch.refusals.clone(),
         };
+        snapshot.libzmq_queued_bytes = self.libzmq_queued_bytes;
         snapshot
     }
 

@@ -53,6 +53,8 @@ pub enum Reply {
 pub struct Subscriber<P> {
     /// Its ROUTER routing id.
     pub routing_id: RoutingId,
+    /// Its CURVE key (Z85), under CURVE: whose filter quota it draws on.
+    pub key: Option<Box<str>>,
     /// The filters it holds; each is also in the routing index.
     pub filters: HashSet<Filter>,
     /// The last seq assigned (0: none yet).
@@ -91,6 +93,7 @@ impl<P> Subscriber<P> {
     fn new(routing_id: &[u8], now: Instant) -> Self {
         Subscriber {
             routing_id: RoutingId::from_slice(routing_id),
+            key: None,
             filters: HashSet::new(),
             last_seq: 0,
             last_heard: now,
