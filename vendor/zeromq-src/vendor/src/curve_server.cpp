@@ -439,8 +439,14 @@ int zmq::curve_server_t::process_initiate (msg_t *msg_)
         state = sending_ready;
     }
 
-    return parse_metadata (&initiate_plaintext[crypto_box_ZEROBYTES + 128],
-                           clen - crypto_box_ZEROBYTES - 128);
+    const int rc =
+      parse_metadata (&initiate_plaintext[crypto_box_ZEROBYTES + 128],
+                      clen - crypto_box_ZEROBYTES - 128);
+    //  zbroker: counted, as in null_mechanism_t::process_ready_command.
+    if (rc == -1)
+        session->get_socket ()->event_handshake_failed_protocol (
+          session->get_endpoint (), ZMQ_PROTOCOL_ERROR_ZMTP_INVALID_METADATA);
+    return rc;
 }
 
 int zmq::curve_server_t::produce_ready (msg_t *msg_)
