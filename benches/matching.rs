@@ -26,13 +26,23 @@
 //! control: a million filters none of which start with `neutron.`. Together
 //! they tell a cost that grows with the index's size from one that grows
 //! with how many filters share the topic's leading bytes.
+//!
+//! `pattern_worst_case` is the security review's CPU case: `S - 1` patterns
+//! of `S` segments, all `a` but for one `*` (at a different place in each)
+//! and a last segment `nomatch`, matched against `a.a.….a` (`S` segments),
+//! which each of them follows up to its last segment and none matches. For
+//! `S` = 16 (the broker's default cap on pattern segments) and 64: `hit`
+//! matches the same topic again and again, so after the first lookup the
+//! match cache answers; `miss` cycles through four times as many such topics
+//! (the last segment varies) as the cache holds, so every lookup walks the
+//! patterns and then puts its topic into the cache, evicting another.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
 use zbroker::filter::{Filter, FilterKind};
-use zbroker::trie::{RoutingIndex, SubId};
+use zbroker::trie::{MATCH_CACHE_CAPACITY, RoutingIndex, SubId};
 
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 const MAX_LEN: usize = 1024;
@@ -471,6 +481,48 @@ fn bench_mixed(c: &mut Criterion, topics: &Topics) {
     group.finish();
 }
 
+/// The worst case for the pattern walk; see the module docs.
+fn bench_pattern_worst_case(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pattern_worst_case");
+    group
+        .sample_size(50)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for segments in [16, 64] {
+        let mut index = RoutingIndex::new();
+        for star in 0..segments - 1 {
+            let mut parts = vec!["a"; segments];
+            parts[star] = "*";
+            parts[segments - 1] = "nomatch";
+            let filter = Filter::new(FilterKind::Pattern, parts.join(".").as_bytes(), MAX_LEN)
+                .expect("valid filter");
+            assert!(index.insert(&filter, star as SubId));
+        }
+        let hot = vec!["a"; segments].join(".").into_bytes();
+        let stem = vec!["a"; segments - 1].join(".");
+        let misses: Vec<Vec<u8>> = (0..4 * MATCH_CACHE_CAPACITY)
+            .map(|n| format!("{stem}.x{n:04}").into_bytes())
+            .collect();
+        let mut out = Vec::with_capacity(16);
+        for topic in misses.iter().chain([&hot]) {
+            index.matches(topic, &mut out);
+            assert!(out.is_empty(), "nothing may match");
+        }
+        assert_eq!(index.cache_len(), MATCH_CACHE_CAPACITY, "costly walks are cached");
+        group.bench_function(BenchmarkId::new("hit", segments), |b| {
+            b.iter(|| lookup(&mut index, &hot, &mut out))
+        });
+        let mut next = 0;
+        group.bench_function(BenchmarkId::new("miss", segments), |b| {
+            b.iter(|| {
+                next = (next + 1) % misses.len();
+                lookup(&mut index, &misses[next], &mut out)
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Criterion's own rule: without `--bench` (`cargo test --benches`), or with
 /// `--test` or `--list`, the benches only check that they run, and so does
 /// the ratio report.
@@ -488,6 +540,7 @@ fn main() {
         bench_kind(&mut c, kind, &topics, &mut ratios);
     }
     bench_mixed(&mut c, &topics);
+    bench_pattern_worst_case(&mut c);
     c.final_summary();
 
     if ratios.is_empty() {
