@@ -415,6 +415,10 @@ struct Session {
     staged_at: Duration,
     /// While sending staged deliveries: that date, for queues they start.
     dating: Option<Duration>,
+    /// The broker's one token bucket (in thousandths) for malformed commands
+    /// from untracked peers, and when it was last refilled; `None` until
+    /// the first such command (the bucket starts full).
+    strangers: Option<(u64, Duration)>,
 }
 
 impl Session {
@@ -436,6 +440,7 @@ impl Session {
             staged: false,
             staged_at: Duration::ZERO,
             dating: None,
+            strangers: None,
         }
     }
 
@@ -514,6 +519,27 @@ impl Session {
             } else {
                 p.tokens = p.tokens.saturating_sub(MILLI);
             }
+        } else if parsed.is_err() {
+            // Malformed commands from untracked peers share one bucket of
+            // `max_commands_per_sec`, no burst; past it: no reply at all.
+            let rate = u64::from(limits.max_commands_per_sec.max(1));
+            let (tokens, at) = self.strangers.unwrap_or((rate * MILLI, self.now));
+            let elapsed = (self.now - at).as_millis() as u64;
+            let tokens = (tokens + elapsed * rate).min(rate * MILLI);
+            match tokens.cmp(&MILLI) {
+                Ordering::Greater => assert!(!rate_refused, "a stranger rate-limited early"),
+                Ordering::Less => assert!(rate_refused, "a stranger not rate-limited"),
+                Ordering::Equal => {}
+            }
+            if rate_refused {
+                self.strangers = Some((tokens, self.now));
+                self.tally.malformed_commands += 1;
+                self.tally.refused_rate += 1;
+                self.absorb(&Call::Command);
+                self.check();
+                return;
+            }
+            self.strangers = Some((tokens.saturating_sub(MILLI), self.now));
         } else {
             assert!(!rate_refused, "an untracked peer was rate-limited");
         }
