@@ -508,7 +508,11 @@ fn bench_pattern_worst_case(c: &mut Criterion) {
             index.matches(topic, &mut out);
             assert!(out.is_empty(), "nothing may match");
         }
-        assert_eq!(index.cache_len(), MATCH_CACHE_CAPACITY, "costly walks are cached");
+        assert_eq!(
+            index.cache_len(),
+            MATCH_CACHE_CAPACITY,
+            "costly walks are cached"
+        );
         group.bench_function(BenchmarkId::new("hit", segments), |b| {
             b.iter(|| lookup(&mut index, &hot, &mut out))
         });

@@ -20,14 +20,16 @@
 //!   node exists only at the root, where edges branch, or where patterns
 //!   end: its `subs` set holds the patterns that end there, its `tail` set
 //!   those whose next and last segment is `>`. Children are keyed by the
-//!   first segment of their label: the literal ones in a small array that
-//!   becomes a hash table past eight, the one starting with `*` on its own.
-//!   A topic follows, at each node, at most two edges, the literal child
-//!   named by its next segment and the `*` child, and each only as far as
-//!   the label's segments match the topic's (`*` matches any one segment).
-//!   Every node reached emits its `tail` set while at least one topic
-//!   segment remains, since `>` needs one or more segments. The nodes
-//!   reached exactly at the topic's last segment emit their `subs` sets.
+//!   first segment of their label: the literal ones, with that segment's
+//!   hash beside each pointer, in a small array that becomes a hash table
+//!   past eight, and the one starting with `*` on its own. A topic follows,
+//!   at each node, at most two edges, the literal child named by its next
+//!   segment and the `*` child, and each only as far as the label's
+//!   segments match the topic's (`*` matches any one segment; a run of
+//!   literal segments is compared as one byte string). Every node reached
+//!   emits its `tail` set while at least one topic segment remains, since
+//!   `>` needs one or more segments. The nodes reached exactly at the
+//!   topic's last segment emit their `subs` sets.
 //!
 //! # Cost model
 //!
@@ -42,17 +44,17 @@
 //! so a subscriber matched by three filters costs three steps and is
 //! reported once.
 //!
-//! The pattern walk costs one child lookup per visited node (a hash, or a
-//! scan of at most eight literal children) and one comparison per label
-//! segment it follows. Every node it visits is a distinct pattern prefix
-//! that matches the topic's leading segments, and so is every segment it
-//! compares, but for the one where an edge fails. A pattern prefix of `d`
-//! segments chooses, per segment, between the topic's literal and `*`, so
-//! for patterns of at most `S` segments (the broker's
-//! `--max-pattern-segments`) the walk visits at most
-//! min(2^(S+1) - 1, pattern nodes held) nodes and compares at most
-//! min(2^(S+1), pattern segments held) segments, plus one failed
-//! comparison per edge tried, whatever the topic's length.
+//! The pattern walk costs, per visited node, one hash of the topic's next
+//! segment and one lookup (a table probe, or a scan of at most eight stored
+//! hashes), then one comparison per edge label it follows, linear in the
+//! label's bytes. Every node it visits, and every label segment it gets
+//! past, is a distinct pattern prefix that matches the topic's leading
+//! segments. A matching prefix of `d` segments picks, per segment, the
+//! topic's literal or `*`, so there are at most 2^d of them: for patterns of
+//! at most `S` segments (the broker's `--max-pattern-segments`) the walk
+//! visits at most min(2^(S+1) - 1, pattern nodes held) nodes and gets past
+//! at most min(2^(S+1), pattern segments held) label segments, plus one
+//! failed comparison per edge tried, whatever the topic's length.
 //!
 //! Nothing else is touched. Subscriptions under another first byte, a
 //! diverging edge label, another literal segment, or deeper than the topic
@@ -67,42 +69,49 @@
 //! follows its segments as far as they match, but never reaches its
 //! subscribers. At worst, `K` patterns of `S` segments that each match the
 //! topic up to their last segment (`a.*.a.nomatch`, `a.a.*.nomatch`, ...)
-//! cost about `K x S` comparisons per match while matching nothing: the
-//! reason for the broker's cap on pattern segments, and for the match cache.
+//! cost `K` label comparisons of up to `S` segments each per match, while
+//! matching nothing: the reason for the broker's cap on pattern segments,
+//! and for the match cache (benches/matching.rs, `pattern_worst_case`).
 //!
 //! # Match cache
 //!
-//! A match whose pattern walk compared at least 64 label segments caches
-//! its pattern part, the pattern subscribers that match the topic, keyed by
-//! the topic; the next match of the topic emits them without walking. The
-//! cache holds at most [`MATCH_CACHE_CAPACITY`] (256) topics of up to 2 KiB
-//! each (topic bytes plus 4 bytes per subscriber) and evicts by CLOCK
-//! (second chance for topics hit since the hand last passed). It stays
-//! exact: a pattern insert adds its subscriber to the cached topics the
-//! pattern matches, and a pattern removal drops the cached topics it
-//! matches, so both cost O(cached topics x pattern length) while the cache
-//! is in use. Exact and prefix filters never touch it. While it is empty,
-//! which it stays unless some walk is costly, a match does not even hash
-//! the topic for it. Its memory, about 1 MiB at the very most, is reported
-//! by [`RoutingIndex::cache_heap_bytes`], not by
-//! [`RoutingIndex::heap_bytes`], and it is freed as soon as no pattern is
-//! left.
+//! A match whose pattern walk was costly caches its pattern part, the
+//! pattern subscribers that match the topic, keyed by the topic; the next
+//! match of that topic emits them without walking. Costly means at least 64
+//! units of work, one per edge followed, per `*` label segment and per
+//! literal run, and one per 8 bytes of a run compared: several times what
+//! topics of a few segments against ordinary patterns take, so in the
+//! common case the cache stays empty. The cache holds at most
+//! [`MATCH_CACHE_CAPACITY`] (256) topics, each at most 2 KiB (topic bytes
+//! plus 4 bytes per subscriber), and evicts by CLOCK (a second chance for
+//! topics hit since the hand last passed). It stays exact: a pattern insert
+//! adds its subscriber to the cached topics the pattern matches, and a
+//! pattern removal drops the cached topics it matches, so while the cache
+//! holds topics both cost up to 256 [`Filter::matches`] calls. Exact and
+//! prefix filters never touch it. While it is empty, a match does not even
+//! hash the topic for it; once it is not, every match pays that hash and a
+//! probe. Its memory, at most about 1 MiB, is not part of
+//! [`RoutingIndex::heap_bytes`]: [`RoutingIndex::cache_heap_bytes`] reports
+//! it. It is freed as soon as no pattern filter is left.
 //!
 //! A subscriber found through several of its filters is reported once:
 //! each match stamps the subscriber's slot in a dense array with a
 //! per-call epoch, so no set or sort is built per call.
 //! [`RoutingIndex::matches`] allocates nothing once the caller's output
-//! vector has grown to size, except when it puts a topic into the match
-//! cache (and even then only until the cache's reused buffers have grown).
+//! vector has grown to size, cache hits included. The exception is a costly
+//! walk that puts its topic into the cache, and even then only while the
+//! cache's slots are first filled or a reused buffer must grow.
 //!
 //! # Memory
 //!
-//! A pattern of `B` bytes adds at most two pattern nodes, the leaf that
-//! holds all its remaining segments as one label and the node that splits
-//! an existing edge where it diverges, and about `B + 2 x 144` bytes (144
-//! is one node), plus its share of its parent's child array or table:
-//! memory grows with a pattern's bytes, not with its segments. A typical
-//! short pattern costs one node and its label, about 150 to 200 bytes.
+//! A pattern node is 120 bytes (64-bit targets) plus its label's bytes. A
+//! new pattern of `B` bytes adds at most two nodes, the leaf that holds all
+//! its remaining segments as one label and the node that splits an existing
+//! edge where it diverges, so at most about `B + 240` bytes, plus 16 bytes
+//! for its entry in its parent's child array or table (more while those
+//! grow by doubling): memory grows with a pattern's bytes, not with its
+//! segments. A 1 KiB pattern of 512 segments costs 1,143 bytes; a typical
+//! pattern of a few segments 140 to 280 bytes.
 //!
 //! Removal frees every node left with neither subscribers nor children. It
 //! merges a radix or pattern node left with no subscribers and a single
@@ -110,19 +119,20 @@
 //! sets that have become mostly empty. After every pair has been removed,
 //! the index is back to its two fixed roots and holds no heap memory (the
 //! stamp array aside, see [`RoutingIndex::heap_bytes`]), and its match
-//! cache is empty.
+//! cache is empty and freed.
 //!
 //! # Recursion
 //!
 //! Insert, remove and drop never recurse: they loop along the one path
-//! they change, and dropping a pattern node moves its descendants onto a
-//! heap stack first. Matching recurses only at pattern forks, nodes where
+//! they change, and dropping a pattern node first moves its descendants
+//! onto a heap stack. Matching recurses only at pattern forks, nodes where
 //! both the `*` child and the literal child continue along the topic. Each
 //! node adds at least one segment, so the depth is at most the number of
-//! nodes on a root-to-leaf path: at most min(topic segments, `S`) for
-//! patterns of at most `S` segments. The broker caps `S` (16 by default,
-//! 1024 at most), which keeps the depth at 1024 frames of a few hundred
-//! bytes at worst.
+//! nodes on one root-to-leaf path: at most min(topic segments, `S`) for
+//! patterns of at most `S` segments. A fork's frame is about 300 bytes in
+//! an optimised build (three times that unoptimised), so the broker's hard
+//! cap of 1024 pattern segments bounds the stack matching needs to about
+//! 320 KiB (1 MiB unoptimised), and its default of 16 to a few KiB.
 
 use std::fmt;
 use std::hash::BuildHasher;
@@ -165,8 +175,8 @@ pub struct RoutingIndex {
     pattern_pairs: usize,
     /// Pattern parts of costly matches; cleared once `pattern_pairs` is 0.
     cache: MatchCache,
-    /// Pattern walks comparing at least this many label segments are
-    /// cached. `CACHE_MIN_STEPS`; tests lower it to cache every walk.
+    /// Pattern walks taking at least this many units of work are cached:
+    /// `CACHE_MIN_STEPS`, which tests lower to cache every walk.
     cache_min_steps: usize,
     /// Per-subscriber stamp of the last `matches` call that reported it.
     seen: Vec<u32>,
@@ -909,15 +919,14 @@ impl Literals {
 
     /// The child keyed by `segment`. Hashes `segment` only if there are
     /// children to look at.
+    #[inline(always)]
     fn get(&self, segment: &[u8], hasher: &DefaultHashBuilder) -> Option<&PatternNode> {
         if self.is_empty() {
             return None;
         }
         let hash = segment_hash(hasher, segment);
         let entry = match self {
-            Literals::Few(children) => children
-                .iter()
-                .find(|entry| is_keyed(entry, segment, hash)),
+            Literals::Few(children) => children.iter().find(|entry| is_keyed(entry, segment, hash)),
             Literals::Many(children) => children.find(hash, |entry| is_keyed(entry, segment, hash)),
         };
         entry.map(|(_, child)| &**child)
@@ -961,11 +970,7 @@ impl Literals {
 
     /// Takes out the child keyed by `segment`, and gives back memory once
     /// the children are mostly gone.
-    fn remove(
-        &mut self,
-        segment: &[u8],
-        hasher: &DefaultHashBuilder,
-    ) -> Option<Box<PatternNode>> {
+    fn remove(&mut self, segment: &[u8], hasher: &DefaultHashBuilder) -> Option<Box<PatternNode>> {
         let hash = segment_hash(hasher, segment);
         match self {
             Literals::Few(children) => {
@@ -1014,6 +1019,9 @@ impl Literals {
     }
 
     /// Moves every child onto `stack`.
+    // The boxes move as they are: unboxing would copy each node out of its
+    // allocation, only for the drop or merge that follows to free it.
+    #[expect(clippy::vec_box)]
     fn drain_into(&mut self, stack: &mut Vec<Box<PatternNode>>) {
         match std::mem::take(self) {
             Literals::Few(children) => stack.extend(children.into_iter().map(|(_, child)| child)),
@@ -1092,6 +1100,7 @@ impl PatternNode {
         self.literal.len() + usize::from(self.star.is_some())
     }
 
+    #[expect(clippy::vec_box, reason = "see `Literals::drain_into`")]
     fn move_children_to(&mut self, stack: &mut Vec<Box<PatternNode>>) {
         stack.extend(self.star.take());
         self.literal.drain_into(stack);
@@ -1284,7 +1293,7 @@ fn split_pattern_edge(
     let lower: Box<[u8]> = slot.label[at + 1..].into();
     let mut old = std::mem::replace(slot, Box::new(PatternNode::new(upper)));
     old.label = lower;
-    // Inline capacity is 2, so a single child allocates nothing; `attach`
+    // Inline capacity is 1, so a single child allocates nothing; `attach`
     // charges it all the same.
     slot.attach(old, hasher, usage);
     usage.nodes += 1;
@@ -1302,11 +1311,13 @@ fn absorb_only_pattern_child(node: &mut PatternNode, usage: &mut Usage) {
     let freed_table = node.literal.heap_bytes();
     let mut child = match node.star.take() {
         Some(child) => child,
-        None => {
-            let mut only = Vec::with_capacity(0);
-            node.literal.drain_into(&mut only);
-            only.pop().expect("caller checked there is exactly one child")
+        // The emptied child table goes with it, already measured above.
+        None => match std::mem::take(&mut node.literal) {
+            Literals::Few(mut children) => children.pop(),
+            Literals::Many(children) => children.into_iter().next(),
         }
+        .map(|(_, child)| child)
+        .expect("caller checked there is exactly one child"),
     };
     let mut merged = Vec::with_capacity(node.label.len() + 1 + child.label.len());
     merged.extend_from_slice(&node.label);
@@ -1379,7 +1390,11 @@ fn pattern_remove(
         let child = parent
             .child_mut(segment, hasher)
             .expect("the child was found just above");
-        let set = if tail { &mut child.tail } else { &mut child.subs };
+        let set = if tail {
+            &mut child.tail
+        } else {
+            &mut child.subs
+        };
         if !usage.track(set, SubSet::heap_bytes, |set| set.remove(sub)) {
             return false;
         }
@@ -1414,17 +1429,31 @@ enum Follow<'t> {
     More(&'t [u8]),
 }
 
-/// Follows `label` along `topic`, one segment at a time: `*` matches any
-/// topic segment, a literal only itself. Adds the segments compared to
-/// `steps`.
+/// Follows `label` (one or more segments) along `topic` (one or more): a
+/// `*` segment matches any one topic segment, a literal segment only
+/// itself. A run of literal segments is compared as one byte string: it
+/// matches exactly when the topic starts with the same bytes followed by a
+/// separator or its end. Adds its work to `steps`: one per `*` segment and
+/// per literal run, and one per 8 bytes of a run.
 fn follow_label<'t>(mut label: &[u8], mut topic: &'t [u8], steps: &mut usize) -> Follow<'t> {
     loop {
-        *steps += 1;
-        let (want, label_next) = split_segment(label);
-        let (have, topic_next) = split_segment(topic);
-        if want != ONE_SEGMENT && want != have {
-            return Follow::Mismatch;
-        }
+        let (label_next, topic_next) = if starts_with_segment(label, ONE_SEGMENT) {
+            *steps += 1;
+            (label.get(2..), split_segment(topic).1)
+        } else {
+            let run = literal_run_len(label);
+            *steps += 1 + run / 8;
+            if !topic.starts_with(&label[..run]) {
+                return Follow::Mismatch;
+            }
+            let topic_next = match topic.get(run) {
+                None => None,
+                Some(&SEPARATOR) => Some(&topic[run + 1..]),
+                // The topic's segment goes on past the label's.
+                Some(_) => return Follow::Mismatch,
+            };
+            (label.get(run + 1..), topic_next)
+        };
         match (label_next, topic_next) {
             (None, None) => return Follow::End,
             (None, Some(next)) => return Follow::More(next),
@@ -1437,8 +1466,27 @@ fn follow_label<'t>(mut label: &[u8], mut topic: &'t [u8], steps: &mut usize) ->
     }
 }
 
+/// Bytes of the literal segments `label` starts with: up to the separator
+/// before its first `*` segment, or all of it. `label` does not start with
+/// a `*` segment, so any other one follows a separator.
+fn literal_run_len(label: &[u8]) -> usize {
+    // Word-at-a-time search: most labels hold no `*` at all.
+    if !label.contains(&b'*') {
+        return label.len();
+    }
+    let mut from = 0;
+    while let Some(found) = label[from..].windows(2).position(|pair| pair == b".*") {
+        let dot = from + found;
+        if label.get(dot + 2).is_none_or(|&b| b == SEPARATOR) {
+            return dot;
+        }
+        from = dot + 1;
+    }
+    label.len()
+}
+
 /// Emits the pattern subscribers matching `rest` (at least one segment)
-/// below `node`, and adds the label segments it compared to `steps`.
+/// below `node`, and adds its work to `steps` (see `follow_label`).
 fn pattern_collect(
     mut node: &PatternNode,
     mut rest: &[u8],
@@ -1450,40 +1498,55 @@ fn pattern_collect(
         // `rest` holds at least one more segment, which is all `>` needs.
         collector.emit(node.tail.iter());
         let (segment, topic_next) = split_segment(rest);
-        // Each lookup has matched its child's first label segment: the `*`
+        // Each lookup matches its child's first label segment: the `*`
         // child's matches any topic segment, a literal child's equals it.
-        let star = node.star.as_deref().map(|child| (child, ONE_SEGMENT.len()));
-        let literal = node
-            .literal
-            .get(segment, hasher)
-            .map(|child| (child, segment.len()));
-        let mut onward = None;
-        for (child, first_len) in [star, literal].into_iter().flatten() {
-            *steps += 1;
-            let follow = match (child.label.get(first_len + 1..), topic_next) {
-                (None, None) => Follow::End,
-                (None, Some(next)) => Follow::More(next),
-                (Some(_), None) => Follow::Mismatch,
-                (Some(label), Some(next)) => follow_label(label, next, steps),
-            };
-            match follow {
-                Follow::Mismatch => {}
-                Follow::End => collector.emit(child.subs.iter()),
-                Follow::More(next) => {
-                    // Only a fork needs the stack, and only for the `*`
-                    // side: a single path continues in the loop, so
-                    // patterns without forks never recurse.
-                    if let Some((star, star_rest)) = onward.replace((child, next)) {
-                        pattern_collect(star, star_rest, hasher, collector, steps);
-                    }
-                }
-            }
+        let mut onward = node
+            .star
+            .as_deref()
+            .and_then(|star| follow_child(star, ONE_SEGMENT.len(), topic_next, collector, steps));
+        if let Some(literal) = node.literal.get(segment, hasher)
+            && let Some(next) = follow_child(literal, segment.len(), topic_next, collector, steps)
+            && let Some((star, star_rest)) = onward.replace(next)
+        {
+            // Only a fork needs the stack, and only for the `*` side: a
+            // single path continues in the loop, so patterns without forks
+            // never recurse.
+            pattern_collect(star, star_rest, hasher, collector, steps);
         }
         let Some((next_node, next_rest)) = onward else {
             return;
         };
         node = next_node;
         rest = next_rest;
+    }
+}
+
+/// Follows the rest of `child`'s label, whose first segment (`first_len`
+/// bytes) has matched the topic's, along the topic's remaining segments
+/// `topic_next`. Emits the child's `subs` if the topic ends with the label;
+/// returns the child and the topic's segments after the label if it goes on.
+#[inline(always)]
+fn follow_child<'n, 't>(
+    child: &'n PatternNode,
+    first_len: usize,
+    topic_next: Option<&'t [u8]>,
+    collector: &mut Collector<'_>,
+    steps: &mut usize,
+) -> Option<(&'n PatternNode, &'t [u8])> {
+    *steps += 1;
+    let follow = match (child.label.get(first_len + 1..), topic_next) {
+        (None, None) => Follow::End,
+        (None, Some(next)) => Follow::More(next),
+        (Some(_), None) => Follow::Mismatch,
+        (Some(label), Some(next)) => follow_label(label, next, steps),
+    };
+    match follow {
+        Follow::Mismatch => None,
+        Follow::End => {
+            collector.emit(child.subs.iter());
+            None
+        }
+        Follow::More(next) => Some((child, next)),
     }
 }
 
@@ -1499,16 +1562,20 @@ fn pattern_collect(
 /// few microseconds for topics of ordinary length.
 pub const MATCH_CACHE_CAPACITY: usize = 256;
 
-/// A pattern walk that compared fewer label segments than this is cheaper
-/// than a cache lookup plus the insert's copy, so its topic is not cached.
-/// Ordinary topics (a handful of segments, a fork or two) stay well below it,
-/// which keeps the cache empty, and its lookups skipped, in the common case.
+/// A pattern walk that took fewer units of work than this (one per edge
+/// followed, per `*` label segment and per literal run, and one per 8 bytes
+/// of a run compared) is about as cheap as a cache lookup plus an insert's
+/// copy, so its topic is not cached. Ordinary topics (a handful of segments,
+/// a fork or two) stay well below it, 15 for a 4-segment topic matched by
+/// nine overlapping patterns, which keeps the cache empty, and its lookups
+/// skipped, in the common case. The worst case of the module docs passes
+/// it from 16 segments on (76).
 const CACHE_MIN_STEPS: usize = 64;
 
-/// Largest entry cached: topic bytes plus 4 bytes per subscriber. With
-/// buffer growth this bounds an entry's buffers to twice as much, and the
-/// whole cache to about `MATCH_CACHE_CAPACITY` x 4 KiB (1 MiB) plus 20 KiB of
-/// slot and table overhead.
+/// Largest entry cached: topic bytes plus 4 bytes per subscriber. A slot's
+/// buffers never grow past this each, since they are reused for later
+/// entries, so the whole cache holds at most `MATCH_CACHE_CAPACITY` x 4 KiB
+/// (1 MiB) plus about 21 KiB of slots and table.
 const CACHE_MAX_ENTRY_BYTES: usize = 2048;
 
 fn cache_entry_fits(topic_len: usize, subs: usize) -> bool {
@@ -1659,6 +1726,13 @@ impl MatchCache {
                 continue;
             }
             if cache_entry_fits(slot.topic.len(), slot.subs.len() + 1) {
+                if slot.subs.len() == slot.subs.capacity() {
+                    // Doubling, but never past what the entry may hold, so
+                    // the buffer stays within the size limit too.
+                    let room = (CACHE_MAX_ENTRY_BYTES - slot.topic.len()) / size_of::<SubId>();
+                    let more = slot.subs.len().max(4).min(room - slot.subs.len());
+                    slot.subs.reserve_exact(more);
+                }
                 slot.subs.push(sub);
             } else {
                 self.unlink(at);
@@ -1785,7 +1859,10 @@ mod tests {
             match &node.literal {
                 Literals::Few(children) => assert!(children.len() <= MAX_FEW_LITERALS),
                 Literals::Many(children) => {
-                    assert!(children.len() > BACK_TO_FEW_LITERALS, "table should be an array")
+                    assert!(
+                        children.len() > BACK_TO_FEW_LITERALS,
+                        "table should be an array"
+                    )
                 }
             }
             let mut keys = BTreeSet::new();
@@ -1861,7 +1938,13 @@ mod tests {
             epoch: 1,
             out: &mut out,
         };
-        pattern_collect(&index.patterns, topic, &index.hasher, &mut collector, &mut 0);
+        pattern_collect(
+            &index.patterns,
+            topic,
+            &index.hasher,
+            &mut collector,
+            &mut 0,
+        );
         out.sort_unstable();
         out
     }
@@ -1871,6 +1954,8 @@ mod tests {
         let cache = &index.cache;
         let mut live = 0;
         for (at, slot) in cache.slots.iter().enumerate() {
+            assert!(slot.topic.capacity() <= CACHE_MAX_ENTRY_BYTES);
+            assert!(slot.subs.capacity() * size_of::<SubId>() <= CACHE_MAX_ENTRY_BYTES);
             if !slot.live {
                 continue;
             }
@@ -1894,6 +1979,7 @@ mod tests {
         }
         assert_eq!(cache.table.len(), live, "table and live slots disagree");
         assert!(cache.slots.len() <= MATCH_CACHE_CAPACITY);
+        assert!(index.cache_heap_bytes() <= (MATCH_CACHE_CAPACITY << 12) + (22 << 10));
         if index.pattern_pairs == 0 {
             assert_eq!(index.cache_len(), 0, "cache kept without patterns");
             assert_eq!(index.cache_heap_bytes(), 0, "cache memory kept");
@@ -2378,8 +2464,17 @@ mod tests {
         // Shares "a.b" (two segments) and then "a"; "*" starts its own edge.
         let texts = ["a.b.c", "a.b.d", "a.b", "a.*.c", "a.b.>", "a.b.c.d.e"];
         let topics = [
-            "a", "a.b", "a.b.c", "a.b.d", "a.x.c", "a.b.c.d", "a.b.c.d.e", "a.b.c.d.f", "a.bc.c",
-            "a.b.cd", "b.b.c",
+            "a",
+            "a.b",
+            "a.b.c",
+            "a.b.d",
+            "a.x.c",
+            "a.b.c.d",
+            "a.b.c.d.e",
+            "a.b.c.d.f",
+            "a.bc.c",
+            "a.b.cd",
+            "b.b.c",
         ];
         let mut rng = Rng(7);
         for _ in 0..200 {
@@ -2599,8 +2694,8 @@ mod tests {
         audit(&index);
         let topic = repeated("a", DEPTH + 1);
         std::thread::Builder::new()
-            // About 250 bytes per fork optimised (1024 fit in 320 KiB), three
-            // times that unoptimised; twice what debug builds need.
+            // About 300 bytes per fork optimised (1024 fit in 320 KiB), three
+            // times that unoptimised (1 MiB); twice what debug builds need.
             .stack_size(2 << 20)
             .spawn(move || {
                 assert!(matched(&mut index, &topic).is_empty());
@@ -2643,7 +2738,13 @@ mod tests {
             epoch: 1,
             out: &mut out,
         };
-        pattern_collect(&index.patterns, topic.as_bytes(), &index.hasher, &mut collector, &mut steps);
+        pattern_collect(
+            &index.patterns,
+            topic.as_bytes(),
+            &index.hasher,
+            &mut collector,
+            &mut steps,
+        );
         assert!(steps >= CACHE_MIN_STEPS, "{steps} steps");
         assert!(matched(&mut index, &topic).is_empty());
         assert_eq!(index.cache_len(), 1);
@@ -2686,6 +2787,33 @@ mod tests {
     }
 
     #[test]
+    fn cache_entries_grow_in_place_up_to_their_limit() {
+        let (mut index, topic) = worst_case(32);
+        assert!(matched(&mut index, &topic).is_empty());
+        assert_eq!(index.cache_len(), 1);
+        let all = pattern_of(&repeated("*", 32));
+        let room = (CACHE_MAX_ENTRY_BYTES - topic.len()) / size_of::<SubId>();
+        for sub in 100..100 + room as SubId + 10 {
+            assert!(index.insert(&all, sub));
+            let fits = ((sub - 100) as usize) < room;
+            assert_eq!(index.cache_len(), usize::from(fits), "sub {sub}");
+            if sub % 50 == 0 || !fits {
+                audit(&index);
+            }
+        }
+        // Too many subscribers to cache now: the walk is repeated each time.
+        let expected: Vec<SubId> = (100..100 + room as SubId + 10).collect();
+        assert_eq!(matched(&mut index, &topic), expected);
+        assert_eq!(index.cache_len(), 0);
+        for sub in 100..100 + room as SubId + 10 {
+            assert!(index.remove(&all, sub));
+        }
+        assert!(matched(&mut index, &topic).is_empty());
+        assert_eq!(index.cache_len(), 1);
+        audit(&index);
+    }
+
+    #[test]
     fn cache_evicts_by_clock_and_reuses_its_buffers() {
         let (mut index, topic) = worst_case(32);
         // Many distinct costly topics: the last segment varies.
@@ -2704,7 +2832,10 @@ mod tests {
             matched(&mut index, &topic_n(10_000 + n));
             matched(&mut index, &hot);
         }
-        assert!(index.cache.get(hot.as_bytes()).is_some(), "hot topic evicted");
+        assert!(
+            index.cache.get(hot.as_bytes()).is_some(),
+            "hot topic evicted"
+        );
         // Evicted entries' buffers were reused: no growth for same-sized
         // topics.
         assert_eq!(index.cache_heap_bytes(), full);
