@@ -16,11 +16,21 @@
 //!   filter for which `Filter::matches(topic)` holds, each once;
 //! - `len()` equals the model's pair count after every operation;
 //! - whenever the model is empty (mid-run and after removing everything at
-//!   the end), `node_count()` and `heap_bytes()` equal a fresh index's, so
-//!   removal really frees and re-merges what insertion built.
+//!   the end), `node_count()` and `heap_bytes()` equal a fresh index's, and
+//!   the match cache is empty, so removal really frees and re-merges what
+//!   insertion built.
+//!
+//! Long texts come in too: up to 256 segments cycling through a short
+//! period of `a`, `b`, `ab`, `*`, empty and `>` segments, with one segment
+//! twisted, so that deep pattern tries, long edge labels split at any
+//! segment, chains of `*` and forks at every depth (and the match cache,
+//! which only costly walks fill) meet topics that follow them almost all the
+//! way.
 //!
 //! Input: a sequence of operations until the input ends, each an opcode byte
-//! and its arguments (see `Op::read`).
+//! and its arguments (see `Op::read`). With bit 6 (0x40) set, subscribe,
+//! unsubscribe-a-pair and publish read a long text (see `long_text`)
+//! instead of one glued from `PIECES`.
 
 mod common;
 
@@ -35,6 +45,34 @@ use zbroker::trie::{RoutingIndex, SubId};
 /// is both realistic and collision-rich.
 const SUBS: u8 = 6;
 const MAX_FILTER_LEN: usize = 64;
+/// Room for long texts: 256 segments of up to `ab` and a separator each.
+const MAX_LONG_FILTER_LEN: usize = 1024;
+
+/// Segments of long texts, by input byte modulo their number; `*` often.
+const LONG_SEGMENTS: [&[u8]; 8] = [b"a", b"*", b"b", b"*", b"ab", b"", b"a", b">"];
+
+/// A long text: a segment count byte (plus one), a period byte (`% 4`,
+/// plus one) and that many segment choices (see `LONG_SEGMENTS`), then a
+/// position byte (`% count`) and a segment choice that overrides the period
+/// there.
+fn long_text(input: &mut Input) -> Vec<u8> {
+    let count = 1 + usize::from(input.byte());
+    let period: Vec<u8> = (0..1 + input.byte() % 4).map(|_| input.byte()).collect();
+    let (twist, twisted) = (usize::from(input.byte()) % count, input.byte());
+    let mut text = Vec::new();
+    for at in 0..count {
+        if at > 0 {
+            text.push(b'.');
+        }
+        let choice = if at == twist {
+            twisted
+        } else {
+            period[at % period.len()]
+        };
+        text.extend_from_slice(LONG_SEGMENTS[usize::from(choice) % LONG_SEGMENTS.len()]);
+    }
+    text
+}
 
 enum Op {
     Subscribe(Filter, SubId),
@@ -49,13 +87,15 @@ impl Op {
     /// `None` for a filter `Filter::new` refuses: the index never sees those.
     fn read(input: &mut Input) -> Option<Op> {
         let op = input.byte();
+        let long = op & 0x40 != 0;
         Some(match op % 8 {
             0..=2 => {
-                let (f, sub) = Self::pair(input)?;
+                let (f, sub) = Self::pair(input, long)?;
                 Op::Subscribe(f, sub)
             }
             3 => Op::Unsubscribe(Ok(input.byte() as usize)),
-            4 => Op::Unsubscribe(Err(Self::pair(input)?)),
+            4 => Op::Unsubscribe(Err(Self::pair(input, long)?)),
+            5 | 6 if long => Op::Publish(long_text(input)),
             5 | 6 => Op::Publish(input.text(&PIECES, 7)),
             _ => {
                 // Raw topic bytes now and then, for what the alphabet misses.
@@ -68,10 +108,14 @@ impl Op {
         })
     }
 
-    fn pair(input: &mut Input) -> Option<(Filter, SubId)> {
+    fn pair(input: &mut Input, long: bool) -> Option<(Filter, SubId)> {
         let spec = input.byte();
         let kind = FilterKind::ALL[spec as usize % 3];
         let sub = ((spec / 3) % SUBS) as SubId;
+        if long {
+            let text = long_text(input);
+            return Some((Filter::new(kind, &text, MAX_LONG_FILTER_LEN).ok()?, sub));
+        }
         let text = input.text(&PIECES, 6);
         Some((Filter::new(kind, &text, MAX_FILTER_LEN).ok()?, sub))
     }
@@ -114,6 +158,8 @@ fn check_baseline_if_empty(index: &RoutingIndex, model: &BTreeSet<(Filter, SubId
             fresh.heap_bytes(),
             "heap bytes left behind after removing every pair"
         );
+        assert_eq!(index.cache_len(), 0, "match cache kept without patterns");
+        assert_eq!(index.cache_heap_bytes(), 0, "match cache memory kept");
     }
 }
 
