@@ -17,6 +17,11 @@
 fn main() {
     println!("cargo:rerun-if-changed=build/main.rs");
     println!("cargo:rerun-if-env-changed=PROFILE");
+    // zbroker's libzmq sources (vendor/zeromq-src): a change there must
+    // rebuild libzmq. The line above would otherwise limit reruns to this
+    // file, and cargo would keep linking a stale libzmq.
+    println!("cargo:rerun-if-changed=../zeromq-src/vendor/src");
+    println!("cargo:rerun-if-changed=../zeromq-src/vendor/include");
 
     let sodium = match pkg_config::Config::new()
         .statik(true)

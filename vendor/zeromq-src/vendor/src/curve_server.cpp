@@ -439,14 +439,8 @@ int zmq::curve_server_t::process_initiate (msg_t *msg_)
         state = sending_ready;
     }
 
-    const int metadata_rc =
-      parse_metadata (&initiate_plaintext[crypto_box_ZEROBYTES + 128],
-                      clen - crypto_box_ZEROBYTES - 128);
-    //  zbroker: counted, as in null_mechanism_t::process_ready_command.
-    if (metadata_rc == -1)
-        session->get_socket ()->event_handshake_failed_protocol (
-          session->get_endpoint (), ZMQ_PROTOCOL_ERROR_ZMTP_INVALID_METADATA);
-    return metadata_rc;
+    return parse_metadata (&initiate_plaintext[crypto_box_ZEROBYTES + 128],
+                           clen - crypto_box_ZEROBYTES - 128);
 }
 
 int zmq::curve_server_t::produce_ready (msg_t *msg_)

@@ -167,14 +167,8 @@ int zmq::null_mechanism_t::process_ready_command (
   const unsigned char *cmd_data_, size_t data_size_)
 {
     _ready_command_received = true;
-    const int rc = parse_metadata (cmd_data_ + ready_command_name_len,
-                                   data_size_ - ready_command_name_len);
-    //  zbroker: say so, as the other handshake failures do, so that a
-    //  refused peer (a routing id in the generated space) is counted.
-    if (rc == -1)
-        session->get_socket ()->event_handshake_failed_protocol (
-          session->get_endpoint (), ZMQ_PROTOCOL_ERROR_ZMTP_INVALID_METADATA);
-    return rc;
+    return parse_metadata (cmd_data_ + ready_command_name_len,
+                           data_size_ - ready_command_name_len);
 }
 
 int zmq::null_mechanism_t::process_error_command (

@@ -444,8 +444,6 @@ int zmq::zmtp_engine_t::process_routing_id_msg (msg_t *msg_)
     //  whose routing id arrives as their first message.
     if (_options.recv_routing_id && msg_->size () > 0
         && *static_cast<unsigned char *> (msg_->data ()) == 0) {
-        session ()->get_socket ()->event_handshake_failed_protocol (
-          _endpoint_uri_pair, ZMQ_PROTOCOL_ERROR_ZMTP_INVALID_METADATA);
         errno = EPROTO;
         return -1;
     }
