@@ -166,8 +166,12 @@ impl Model {
         match command {
             Command::Ping => Expected::Pong,
             Command::Subscribe(filter) => {
+                // The target runs with the default pattern segment limit.
+                let max_segments = zbroker::config::Limits::default().max_pattern_segments;
                 if !held.contains(&filter)
-                    && (held.len() >= self.max_per_subscriber || total >= self.max_total)
+                    && (held.len() >= self.max_per_subscriber
+                        || filter.pattern_segments() > max_segments
+                        || total >= self.max_total)
                 {
                     return Expected::Err(ErrorCode::Limit);
                 }
