@@ -515,17 +515,18 @@ fn set_option<T: Copy>(socket: &mut zmq::Socket, option: c_int, value: T) -> zmq
     }
 }
 
-/// Reads an `int64_t` socket option the `zmq` crate has no getter for.
-fn get_i64_option(socket: &mut zmq::Socket, option: c_int) -> zmq::Result<i64> {
-    let mut value: i64 = 0;
-    let mut len = std::mem::size_of::<i64>();
+/// Reads an integer socket option the `zmq` crate has no getter for, at
+/// the option's own width (`c_int` or `i64`).
+fn get_option<T: Copy + Default>(socket: &mut zmq::Socket, option: c_int) -> zmq::Result<T> {
+    let mut value = T::default();
+    let mut len = std::mem::size_of::<T>();
     // SAFETY: as in `set_option`; libzmq writes at most `len` bytes into
     // `value` and the written length into `len`.
     let rc = unsafe {
         zmq_sys::zmq_getsockopt(
             socket.as_mut_ptr(),
             option,
-            (&mut value as *mut i64).cast(),
+            (&mut value as *mut T).cast(),
             &mut len,
         )
     };
@@ -757,8 +758,9 @@ impl Server {
                     .tick(now, &mut RouterTransport::new(&mut self.router));
                 self.watch_connections();
                 // Summed over every subscriber pipe: once a tick, not per send.
-                self.libzmq_queued_bytes = get_i64_option(&mut self.router, ZMQ_ZBROKER_OUT_BYTES)
-                    .map_or(0, |bytes| bytes.max(0) as u64);
+                self.libzmq_queued_bytes =
+                    get_option::<i64>(&mut self.router, ZMQ_ZBROKER_OUT_BYTES)
+                        .map_or(0, |bytes| bytes.max(0) as u64);
                 self.stats.publish(self.snapshot());
             }
             if self.stopper.requested.load(Ordering::Acquire) {
@@ -1010,25 +1012,7 @@ mod tests {
     use super::*;
 
     fn int_option(socket: &mut zmq::Socket, option: c_int) -> c_int {
-        let mut value: c_int = 0;
-        let mut len = std::mem::size_of::<c_int>();
-        // SAFETY: the handle is live while `socket` is; libzmq writes at
-        // most `len` bytes into `value` and the new length into `len`.
-        let rc = unsafe {
-            zmq_sys::zmq_getsockopt(
-                socket.as_mut_ptr(),
-                option,
-                (&mut value as *mut c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "zmq_getsockopt({option}): {}",
-            crate::frame::last_error()
-        );
-        value
+        get_option(socket, option).unwrap_or_else(|e| panic!("zmq_getsockopt({option}): {e}"))
     }
 
     #[test]
