@@ -69,3 +69,22 @@ impl<'a> Input<'a> {
 /// Pieces for topics and filters: the separator, both wildcards, segments
 /// that are prefixes of one another, and a piece with a separator inside.
 pub const PIECES: [&[u8]; 8] = [b"a", b"b", b"ab", b".", b".", b"*", b">", b"a.b"];
+
+/// Asserts that an index whose every pair was removed is back to a fresh
+/// index's footprint: no pairs, no nodes or heap left behind, no match cache.
+pub fn assert_drained(index: &zbroker::trie::RoutingIndex) {
+    let fresh = zbroker::trie::RoutingIndex::new();
+    assert_eq!(index.len(), 0);
+    assert_eq!(
+        index.node_count(),
+        fresh.node_count(),
+        "nodes left behind after removing every pair"
+    );
+    assert_eq!(
+        index.heap_bytes(),
+        fresh.heap_bytes(),
+        "heap bytes left behind after removing every pair"
+    );
+    assert_eq!(index.cache_len(), 0, "match cache kept without patterns");
+    assert_eq!(index.cache_heap_bytes(), 0, "match cache memory kept");
+}

@@ -260,11 +260,7 @@ fn check_state(index: &RoutingIndex, model: &BTreeSet<(Filter, SubId)>) {
     assert!(index.cache_len() <= MATCH_CACHE_CAPACITY);
     assert!(index.cache_heap_bytes() <= (MATCH_CACHE_CAPACITY << 12) + (32 << 10));
     if model.is_empty() {
-        let fresh = RoutingIndex::new();
-        assert_eq!(index.node_count(), fresh.node_count(), "nodes left behind");
-        assert_eq!(index.heap_bytes(), fresh.heap_bytes(), "heap left behind");
-        assert_eq!(index.cache_len(), 0, "cache kept without patterns");
-        assert_eq!(index.cache_heap_bytes(), 0, "cache memory kept");
+        common::assert_drained(index);
     }
 }
 
