@@ -61,6 +61,7 @@ const ZMQ_EVENT_ZBROKER_REFUSED: u16 = 0x8000;
 const REFUSED_MESSAGE_SIZE: u32 = 1;
 const REFUSED_MESSAGE_PARTS: u32 = 2;
 const REFUSED_CONNECTIONS: u32 = 3;
+const REFUSED_ROUTING_ID: u32 = 4;
 
 /// Most parts a message from any peer may have. Protocol v1's longest
 /// message has three; the broker reads the extra parts of a longer one and
@@ -386,6 +387,13 @@ impl Watch {
                         REFUSED_CONNECTIONS => {
                             self.refusals.connections += 1;
                             "over --max-connections"
+                        }
+                        REFUSED_ROUTING_ID => {
+                            // A failed handshake as far as the client can
+                            // tell, so counted with the others.
+                            self.handshake_failures += 1;
+                            "a client-chosen routing id starting with 0x00 \
+                             (reserved for generated ids; see docs/PROTOCOL.md)"
                         }
                         _ => "an unknown reason",
                     };

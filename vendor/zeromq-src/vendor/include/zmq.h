@@ -700,11 +700,13 @@ ZMQ_EXPORT void zmq_threadclose (void *thread_);
 #define ZMQ_ZBROKER_OUT_BYTES 1005
 /*  Monitor event: a peer was refused. Value: 1 a part over ZMQ_MAXMSGSIZE,
     2 a message over ZMQ_ZBROKER_MAXMSGPARTS parts, 3 a connection over
-    ZMQ_ZBROKER_MAX_CONNECTIONS.                                            */
+    ZMQ_ZBROKER_MAX_CONNECTIONS, 4 a peer whose routing id starts with 0x00
+    (reserved for the ids a ROUTER generates).                              */
 #define ZMQ_EVENT_ZBROKER_REFUSED 0x8000
 #define ZMQ_ZBROKER_REFUSED_MSGSIZE 1
 #define ZMQ_ZBROKER_REFUSED_PARTS 2
 #define ZMQ_ZBROKER_REFUSED_CONNECTIONS 3
+#define ZMQ_ZBROKER_REFUSED_ROUTING_ID 4
 
 /*  DRAFT ZMQ_RECONNECT_STOP options                                          */
 #define ZMQ_RECONNECT_STOP_CONN_REFUSED 0x1

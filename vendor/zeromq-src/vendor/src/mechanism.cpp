@@ -267,8 +267,9 @@ int zmq::mechanism_t::parse_metadata (const unsigned char *ptr_,
         if (name == ZMTP_PROPERTY_IDENTITY && options.recv_routing_id) {
             //  zbroker: a routing id starting with 0x00 could collide with
             //  the ids a ROUTER generates; refuse the peer at the handshake.
+            //  EADDRINUSE tells the engine why, so that it says so.
             if (value_length > 0 && value[0] == 0) {
-                errno = EINVAL;
+                errno = EADDRINUSE;
                 return -1;
             }
             set_peer_routing_id (value, value_length);

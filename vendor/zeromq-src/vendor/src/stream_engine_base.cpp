@@ -322,6 +322,9 @@ bool zmq::stream_engine_base_t::in_event_internal ()
             else if (errno == E2BIG)
                 _socket->event_zbroker_refused (_endpoint_uri_pair,
                                                 ZMQ_ZBROKER_REFUSED_PARTS);
+            else if (errno == EADDRINUSE)
+                _socket->event_zbroker_refused (_endpoint_uri_pair,
+                                                ZMQ_ZBROKER_REFUSED_ROUTING_ID);
             error (protocol_error);
             return false;
         }

@@ -444,7 +444,7 @@ int zmq::zmtp_engine_t::process_routing_id_msg (msg_t *msg_)
     //  whose routing id arrives as their first message.
     if (_options.recv_routing_id && msg_->size () > 0
         && *static_cast<unsigned char *> (msg_->data ()) == 0) {
-        errno = EPROTO;
+        errno = EADDRINUSE;
         return -1;
     }
     if (_options.recv_routing_id) {
