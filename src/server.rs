@@ -756,8 +756,11 @@ impl Server {
         let mut events = Events::with_capacity(8);
         let mut next_tick = Instant::now();
         loop {
+            let busy = self.read_publishers(Instant::now())? == BATCH;
+            // Read after the publish batch, which may have taken a while: a
+            // command is stamped with when it arrived, not when the batch
+            // began, or a live subscriber could look idle past its expiry.
             let now = Instant::now();
-            let busy = self.read_publishers(now)? == BATCH;
             let busy = self.read_subscribers(now)? == BATCH || busy;
             let backlogged = self.core.flush(&mut RouterTransport::new(&mut self.router));
             if now >= next_tick {
