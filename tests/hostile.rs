@@ -2215,8 +2215,13 @@ fn deep_patterns_cost_memory_in_proportion() {
         let held = keep_alive_until(
             &broker,
             &[&dealer, &other],
-            "the confirmed patterns held",
-            |m| m.get(SUBSCRIPTIONS) == HONEST_FILTERS + confirmed,
+            "the confirmed patterns held and every refusal counted",
+            // The snapshot is a tick old at worst: wait for one taken after
+            // the last refusal, then check the count is exact.
+            |m| {
+                m.get(SUBSCRIPTIONS) == HONEST_FILTERS + confirmed
+                    && m.since(&baseline, REFUSED_LIMIT) > refused
+            },
         );
         let index = held.get(INDEX_HEAP_BYTES);
         let (rss, _) = broker.memory();
