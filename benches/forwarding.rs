@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use zbroker::broker::{Broker, SendOutcome, Transport};
-use zbroker::config::Config;
+use zbroker::config::{BrokerConfig, Config};
 use zbroker::frame::Frame;
 use zbroker::metrics::Snapshot;
 use zbroker::protocol;
@@ -93,7 +93,7 @@ impl RouterRig {
             })
             .collect();
         let now = Instant::now();
-        let mut broker: Broker<Frame> = Broker::new(Config::default(), now);
+        let mut broker: Broker<Frame> = Broker::new(BrokerConfig::default(), now);
         // Reading each peer's PING proves it is attached; its routing id then
         // subscribes as the server would.
         for _ in 0..subscribers {
@@ -208,7 +208,7 @@ impl Transport<Rc<[u8]>> for NullTransport {
 
 fn null_broker(subscribers: usize) -> (Broker<Rc<[u8]>>, Instant) {
     let now = Instant::now();
-    let mut broker = Broker::new(Config::default(), now);
+    let mut broker = Broker::new(BrokerConfig::default(), now);
     for i in 0..subscribers {
         // Same shape as libzmq's generated routing ids: 5 bytes.
         let id = [0, (i >> 24) as u8, (i >> 16) as u8, (i >> 8) as u8, i as u8];

@@ -21,9 +21,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use hashbrown::HashMap;
-
-use crate::filter::{Filter, FilterKind, ONE_SEGMENT, SEPARATOR, TAIL};
+pub use zbroker_core::acl::{Acl, KeyList, filter_within, is_z85_key};
 
 /// The ZAP domain set on the broker's PULL socket.
 pub const PUBLISHER_DOMAIN: &str = "publishers";
@@ -66,170 +64,14 @@ impl fmt::Display for AuthError {
 
 impl std::error::Error for AuthError {}
 
-/// A Z85-encoded CURVE key: 40 characters for 32 bytes.
-fn is_z85_key(text: &str) -> bool {
-    text.len() == 40 && zmq::z85_decode(text).is_ok_and(|bytes| bytes.len() == 32)
-}
-
-/// Public keys and the filters each may use.
-#[derive(Clone, Debug, Default)]
-pub struct KeyList {
-    keys: HashMap<String, Vec<Filter>>,
-}
-
-impl KeyList {
-    /// Parses key-list text; `path` only names the source in errors.
-    pub fn parse(text: &str, path: &Path, max_filter_len: usize) -> Result<KeyList, AuthError> {
-        let mut keys = HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let problem = |problem: String| AuthError::Line {
-                path: path.to_path_buf(),
-                line: i + 1,
-                problem,
-            };
-            let mut words = line.split_whitespace();
-            let Some(key) = words.next() else {
-                continue;
-            };
-            // Z85 keys may contain '#', so a comment is a line whose first
-            // word is not a key, or anything after the filters.
-            if key.starts_with('#') && !is_z85_key(key) {
-                continue;
-            }
-            let words = words.take_while(|w| !w.starts_with('#'));
-            if !is_z85_key(key) {
-                return Err(problem(format!(
-                    "{key:?} is not a Z85 public key (40 characters, as written by `zbroker keygen`)"
-                )));
-            }
-            let filters = words
-                .map(|w| Filter::parse_cli(w, max_filter_len))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| problem(e.to_string()))?;
-            if filters.is_empty() {
-                return Err(problem(format!(
-                    "key {key} lists no topics; add the filters it may use (prefix: allows all)"
-                )));
-            }
-            keys.insert(key.to_string(), filters);
-        }
-        Ok(KeyList { keys })
-    }
-
-    /// Reads and parses a key-list file.
-    pub fn load(path: &Path, max_filter_len: usize) -> Result<KeyList, AuthError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| AuthError::Io(path.to_path_buf(), e))?;
-        KeyList::parse(&text, path, max_filter_len)
-    }
-
-    /// Whether `key` (Z85) is listed.
-    pub fn contains(&self, key: &str) -> bool {
-        self.keys.contains_key(key)
-    }
-
-    /// The filters `key` may use, if it is listed.
-    pub fn allowed(&self, key: &str) -> Option<&[Filter]> {
-        self.keys.get(key).map(Vec::as_slice)
-    }
-
-    /// Number of keys.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// Whether no key is listed.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
-
-/// Who may publish and subscribe to what.
-#[derive(Clone, Debug, Default)]
-pub struct Acl {
-    /// Keys admitted on the publisher endpoint.
-    pub publishers: KeyList,
-    /// Keys admitted on the subscriber endpoint.
-    pub subscribers: KeyList,
-}
-
-impl Acl {
-    /// Whether `key` may publish on `topic`: some filter it is allowed
-    /// matches the topic.
-    pub fn may_publish(&self, key: Option<&str>, topic: &[u8]) -> bool {
-        key.and_then(|k| self.publishers.allowed(k))
-            .is_some_and(|allowed| allowed.iter().any(|a| a.matches(topic)))
-    }
-
-    /// Whether `key` may subscribe to `filter`: every topic the filter can
-    /// match must be allowed, so the filter must lie within one allowed
-    /// filter (checked conservatively: when in doubt, refuse).
-    pub fn may_subscribe(&self, key: Option<&str>, filter: &Filter) -> bool {
-        key.and_then(|k| self.subscribers.allowed(k))
-            .is_some_and(|allowed| allowed.iter().any(|a| filter_within(filter, a)))
-    }
-}
-
-fn segments(text: &[u8]) -> impl Iterator<Item = &[u8]> {
-    text.split(|&b| b == SEPARATOR)
-}
-
-fn is_wildcard(segment: &[u8]) -> bool {
-    segment == ONE_SEGMENT || segment == TAIL
-}
-
-/// The bytes every topic matched by `pattern` starts with, and whether the
-/// pattern matches exactly that one topic (no wildcard).
-fn pattern_prefix(pattern: &[u8]) -> (Vec<u8>, bool) {
-    let mut prefix = Vec::new();
-    for (i, segment) in segments(pattern).enumerate() {
-        if is_wildcard(segment) {
-            if i > 0 {
-                prefix.push(SEPARATOR);
-            }
-            return (prefix, false);
-        }
-        if i > 0 {
-            prefix.push(SEPARATOR);
-        }
-        prefix.extend_from_slice(segment);
-    }
-    (prefix, true)
-}
-
-/// Whether every topic `filter` matches is also matched by `allowed`. Sound
-/// (never says yes wrongly) but not complete: some contained filters, such
-/// as a prefix under a pattern, are refused.
-pub fn filter_within(filter: &Filter, allowed: &Filter) -> bool {
-    use FilterKind::*;
-    let (f, a) = (filter.text(), allowed.text());
-    match (filter.kind(), allowed.kind()) {
-        (Exact, _) => allowed.matches(f),
-        (Pattern, _) if pattern_prefix(f).1 => allowed.matches(f),
-        (Prefix, Prefix) => f.starts_with(a),
-        (Pattern, Prefix) => pattern_prefix(f).0.starts_with(a),
-        (Pattern, Pattern) => pattern_within(f, a),
-        (Prefix, Exact | Pattern) | (Pattern, Exact) => false,
-    }
-}
-
-fn pattern_within(filter: &[u8], allowed: &[u8]) -> bool {
-    let mut f = segments(filter);
-    for a in segments(allowed) {
-        let Some(s) = f.next() else {
-            return false; // allowed needs more segments than filter has
-        };
-        if a == TAIL {
-            return true; // filter has at least one more segment here
-        }
-        if s == TAIL {
-            return false; // filter takes any tail, allowed does not
-        }
-        if a != ONE_SEGMENT && s != a {
-            return false; // a literal in allowed needs the same literal
-        }
-    }
-    f.next().is_none()
+/// Reads and parses a key-list file ([`KeyList::parse`]).
+pub fn load_key_list(path: &Path, max_filter_len: usize) -> Result<KeyList, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AuthError::Io(path.to_path_buf(), e))?;
+    KeyList::parse(&text, max_filter_len).map_err(|e| AuthError::Line {
+        path: path.to_path_buf(),
+        line: e.line,
+        problem: e.problem,
+    })
 }
 
 /// The broker's CURVE key pair, Z85-encoded.
@@ -359,7 +201,7 @@ pub struct ZapHandler {
     pub admitted: u64,
     /// Handshakes refused (unknown key, wrong mechanism or domain).
     pub denied: u64,
-    log: crate::metrics::LogLimiter,
+    log: zbroker_core::counters::LogLimiter,
 }
 
 impl ZapHandler {
@@ -458,105 +300,6 @@ impl ZapHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn f(spec: &str) -> Filter {
-        Filter::parse_cli(spec, 1024).unwrap()
-    }
-
-    #[test]
-    fn containment_examples() {
-        assert!(filter_within(&f("exact:net.a"), &f("prefix:net.")));
-        assert!(filter_within(&f("prefix:net.a"), &f("prefix:net.")));
-        assert!(!filter_within(&f("prefix:ne"), &f("prefix:net.")));
-        assert!(!filter_within(&f("prefix:"), &f("prefix:net.")));
-        assert!(filter_within(&f("pattern:net.*.port"), &f("prefix:net.")));
-        assert!(!filter_within(&f("pattern:*.port"), &f("prefix:net.")));
-        assert!(filter_within(
-            &f("pattern:net.a.port"),
-            &f("pattern:net.*.port")
-        ));
-        assert!(filter_within(&f("pattern:net.*.port"), &f("pattern:net.>")));
-        assert!(!filter_within(&f("pattern:net.>"), &f("pattern:net.*")));
-        assert!(!filter_within(&f("pattern:net"), &f("pattern:net.>")));
-        assert!(!filter_within(&f("prefix:net.a"), &f("pattern:net.>")));
-        assert!(filter_within(&f("exact:x"), &f("exact:x")));
-        assert!(!filter_within(&f("prefix:x"), &f("exact:x")));
-    }
-
-    /// Soundness by brute force: whenever containment is claimed, every
-    /// topic the filter matches is matched by the allowed filter.
-    #[test]
-    fn containment_is_sound() {
-        let pieces = ["a", "b", "*", ">", ""];
-        let mut texts = vec![String::new()];
-        for _ in 0..3 {
-            let longer: Vec<String> = texts
-                .iter()
-                .flat_map(|t| {
-                    pieces.iter().map(move |p| {
-                        if t.is_empty() {
-                            p.to_string()
-                        } else {
-                            format!("{t}.{p}")
-                        }
-                    })
-                })
-                .collect();
-            texts.extend(longer);
-        }
-        texts.sort();
-        texts.dedup();
-        let filters: Vec<Filter> = texts
-            .iter()
-            .flat_map(|t| FilterKind::ALL.map(|k| Filter::new(k, t.as_bytes(), 64)))
-            .filter_map(Result::ok)
-            .collect();
-        let topics: Vec<&[u8]> = texts
-            .iter()
-            .map(|t| t.as_bytes())
-            .filter(|t| !t.is_empty())
-            .collect();
-        let mut claimed = 0;
-        for filter in &filters {
-            for allowed in &filters {
-                if filter_within(filter, allowed) {
-                    claimed += 1;
-                    for topic in &topics {
-                        assert!(
-                            !filter.matches(topic) || allowed.matches(topic),
-                            "{filter} within {allowed} but {} differs",
-                            String::from_utf8_lossy(topic)
-                        );
-                    }
-                }
-            }
-        }
-        assert!(
-            claimed > filters.len(),
-            "the check must admit more than identity"
-        );
-    }
-
-    #[test]
-    fn key_lists() {
-        let key = zmq::z85_encode(&[7u8; 32]).unwrap();
-        let text = format!("# comment\n\n{key} prefix:net. pattern:a.*  # trailing\n");
-        let list = KeyList::parse(&text, Path::new("keys"), 64).unwrap();
-        assert!(list.contains(&key));
-        assert_eq!(list.allowed(&key).unwrap().len(), 2);
-        let err = KeyList::parse(&format!("{key}\n"), Path::new("keys"), 64).unwrap_err();
-        assert!(err.to_string().contains("keys:1") && err.to_string().contains("prefix:"));
-        assert!(KeyList::parse("short prefix:", Path::new("k"), 64).is_err());
-    }
-
-    #[test]
-    fn keys_containing_hash_are_not_comments() {
-        let key = "#".repeat(40);
-        assert!(is_z85_key(&key));
-        let list =
-            KeyList::parse(&format!("{key} prefix: # comment\n"), Path::new("k"), 64).unwrap();
-        assert_eq!(list.allowed(&key).unwrap().len(), 1);
-    }
 
     #[test]
     fn keygen_round_trip() {

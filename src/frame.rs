@@ -159,6 +159,20 @@ impl Frame {
     }
 }
 
+/// The core shares published parts with every subscriber they go to; a
+/// [`Frame`] shares its libzmq buffer (`zmq_msg_copy`), never the bytes.
+impl zbroker_core::broker::Payload for Frame {
+    fn bytes(&self) -> &[u8] {
+        Frame::bytes(self)
+    }
+    fn share(&mut self) -> Self {
+        Frame::share(self)
+    }
+    fn take(&mut self) -> Self {
+        Frame::take(self)
+    }
+}
+
 impl Default for Frame {
     fn default() -> Self {
         Frame::new()

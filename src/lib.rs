@@ -6,12 +6,10 @@
 //! match, each with a per-subscriber sequence number so that any message the
 //! broker had to drop shows as a gap. The wire protocol is `docs/PROTOCOL.md`.
 //!
-//! The library is layered so each part can be tested alone:
-//! - [`filter`]: the three filter kinds and their reference semantics;
-//! - [`trie`]: the routing index over every subscriber's filters;
-//! - [`protocol`]: protocol v1 frames, decoded without panics;
-//! - [`subscribers`]: the per-subscriber records and queues;
-//! - [`broker`]: the sans-IO core that decides what goes where;
+//! Everything the broker decides lives in the sans-IO [`zbroker_core`]
+//! crate (filters, routing index, protocol, subscriber table, broker state
+//! machine, ACLs, counters), re-exported here under the same names; this
+//! crate moves bytes:
 //! - [`frame`]: zero-copy shared ZeroMQ message parts;
 //! - [`server`]: the mio event loop around the core;
 //! - [`client`]: Rust publisher and subscriber;
@@ -21,16 +19,13 @@
 #![warn(missing_docs)]
 
 pub mod auth;
-pub mod broker;
 pub mod client;
 pub mod config;
-pub mod filter;
 pub mod frame;
 pub mod metrics;
-pub mod protocol;
 pub mod server;
-pub mod subscribers;
-pub mod trie;
+
+pub use zbroker_core::{broker, filter, index, protocol, subscribers};
 
 /// Compiles the README's examples as doc tests, so they cannot rot.
 #[doc = include_str!("../README.md")]

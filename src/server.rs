@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::auth::{self, Acl, KeyList, ServerKeys, ZapHandler};
+use crate::auth::{self, Acl, ServerKeys, ZapHandler};
 use crate::broker::{Broker, SendOutcome, Transport};
 use crate::config::Config;
 use crate::frame::Frame;
-use crate::metrics::{Connections, Exporter, LogLimiter, Refusals, Snapshot};
+use crate::metrics::{Connections, Exporter, Refusals, Snapshot};
 use crate::subscribers::RoutingId;
+use zbroker_core::counters::LogLimiter;
 
 const PUBLISHERS: Token = Token(0);
 const SUBSCRIBERS: Token = Token(1);
@@ -282,8 +283,10 @@ pub fn check(config: &Config) -> Result<Option<Security>, ServerError> {
     let max = config.limits.max_filter_len;
     let keys = auth::read_secret_key(&curve.secret_key_file).map_err(ServerError::Auth)?;
     let acl = Acl {
-        publishers: KeyList::load(&curve.publisher_keys, max).map_err(ServerError::Auth)?,
-        subscribers: KeyList::load(&curve.subscriber_keys, max).map_err(ServerError::Auth)?,
+        publishers: crate::auth::load_key_list(&curve.publisher_keys, max)
+            .map_err(ServerError::Auth)?,
+        subscribers: crate::auth::load_key_list(&curve.subscriber_keys, max)
+            .map_err(ServerError::Auth)?,
     };
     Ok(Some(Security {
         keys,
@@ -418,6 +421,8 @@ pub struct Server {
     core: Broker<Frame>,
     pub_endpoint: String,
     sub_endpoint: String,
+    /// How long to keep flushing queues on shutdown.
+    linger: Duration,
     stopper: Stopper,
     stats: StatsHandle,
     zap: Option<ZapHandler>,
@@ -668,7 +673,8 @@ impl Server {
             None => None,
         };
         let zap_on = zap.is_some();
-        let mut core = Broker::new(config, Instant::now());
+        let linger = config.linger;
+        let mut core = Broker::new(config.broker(), Instant::now());
         match &security {
             Some(s) => {
                 tracing::info!(
@@ -685,6 +691,7 @@ impl Server {
         tracing::info!(endpoint = %pub_endpoint, "publishers connect a PUSH socket to");
         tracing::info!(endpoint = %sub_endpoint, "subscribers connect a DEALER socket to");
         Ok(Server {
+            linger,
             pull,
             router,
             context,
@@ -929,7 +936,7 @@ impl Server {
     /// commands and flushing, until the linger ends or no subscriber
     /// connection is left.
     fn shut_down(mut self) -> Result<Snapshot, ServerError> {
-        let deadline = Instant::now() + self.core.config().linger;
+        let deadline = Instant::now() + self.linger;
         // Closing PULL refuses new messages; publishers' PUSH sockets keep
         // theirs queued for the next broker.
         drop(std::mem::replace(

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use zbroker::broker::Broker;
-use zbroker::config::Config;
+use zbroker::config::BrokerConfig;
 use zbroker::frame::Frame;
 use zbroker::server::RouterTransport;
 
@@ -78,7 +78,7 @@ fn fan_out_allocates_nothing_per_message_per_subscriber() {
         .collect();
     // Reading each PING from the ROUTER proves its peer is attached.
     let now = Instant::now();
-    let mut broker: Broker<Frame> = Broker::new(Config::default(), now);
+    let mut broker: Broker<Frame> = Broker::new(BrokerConfig::default(), now);
     for _ in 0..PEERS {
         let frames = router.recv_multipart(0).unwrap();
         let sub: [&[u8]; 3] = [b"SUB", b"prefix", b"node."];

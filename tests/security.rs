@@ -13,7 +13,7 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -519,11 +519,7 @@ fn keys_with_a_hash_character_can_be_read_back() {
         .expect("a public key with '#'");
     let public_path = PathBuf::from(format!("{}.pub", path.display()));
     let read_back = zbroker::auth::read_public_key(&public_path);
-    let listed = zbroker::auth::KeyList::parse(
-        &format!("{public} prefix:\n"),
-        Path::new("subscribers.keys"),
-        1024,
-    );
+    let listed = zbroker::auth::KeyList::parse(&format!("{public} prefix:\n"), 1024);
     let secret_back = zbroker::auth::read_secret_key(&path);
     assert!(
         matches!(&read_back, Ok(k) if *k == public)

@@ -2,7 +2,7 @@
 //! `broker_session`: whole broker sessions through the sans-IO core, checked
 //! against an independent model.
 //!
-//! The core's promises (module docs of `zbroker::broker`, README, PROTOCOL.md)
+//! The core's promises (module docs of `zbroker_core::broker`, README, PROTOCOL.md)
 //! are about interleavings: a subscriber that stalls while others publish,
 //! unsubscribes while its queue is full, vanishes mid-flush, goes silent,
 //! comes back under the same routing id. Unit tests pin a few of those; this
@@ -89,11 +89,11 @@ use std::time::{Duration, Instant};
 
 use common::{Input, PIECES};
 use libfuzzer_sys::fuzz_target;
-use zbroker::broker::{Broker, Payload, SendOutcome, Transport};
-use zbroker::config::{Config, OverflowPolicy};
-use zbroker::filter::{Filter, FilterKind};
-use zbroker::protocol::{self, Command, ErrorCode, PublishError};
-use zbroker::subscribers::{Queued, Reply, Subscriber};
+use zbroker_core::broker::{Broker, Payload, SendOutcome, Transport};
+use zbroker_core::config::{BrokerConfig, OverflowPolicy};
+use zbroker_core::filter::{Filter, FilterKind};
+use zbroker_core::protocol::{self, Command, ErrorCode, PublishError};
+use zbroker_core::subscribers::{Queued, Reply, Subscriber};
 
 /// A message part whose `take` really empties it, as a `Frame`'s does, so
 /// a part read after the core gave it away shows as a wrong delivery or a
@@ -400,7 +400,7 @@ struct Session {
     broker: Broker<Bytes>,
     wire: Wire,
     peers: [Peer; PEERS.len()],
-    config: Config,
+    config: BrokerConfig,
     base: Instant,
     now: Duration,
     /// When the broker's next sweep is due (what `tick` last returned).
@@ -422,7 +422,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(config: Config) -> Self {
+    fn new(config: BrokerConfig) -> Self {
         let base = Instant::now();
         Session {
             broker: Broker::new(config.clone(), base),
@@ -1102,8 +1102,8 @@ fn cuts_off(policy: OverflowPolicy) -> bool {
     )
 }
 
-fn config(input: &mut Input) -> Config {
-    let mut config = Config::default();
+fn config(input: &mut Input) -> BrokerConfig {
+    let mut config = BrokerConfig::default();
     let q = &mut config.queue;
     q.policy = [
         OverflowPolicy::DropNew,

@@ -72,8 +72,8 @@ pub const PIECES: [&[u8]; 8] = [b"a", b"b", b"ab", b".", b".", b"*", b">", b"a.b
 
 /// Asserts that an index whose every pair was removed is back to a fresh
 /// index's footprint: no pairs, no nodes or heap left behind, no match cache.
-pub fn assert_drained(index: &zbroker::trie::RoutingIndex) {
-    let fresh = zbroker::trie::RoutingIndex::new();
+pub fn assert_drained(index: &zbroker_core::index::RoutingIndex) {
+    let fresh = zbroker_core::index::RoutingIndex::new();
     assert_eq!(index.len(), 0);
     assert_eq!(
         index.node_count(),

@@ -40,8 +40,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::Input;
 use libfuzzer_sys::fuzz_target;
-use zbroker::filter::{Filter, FilterKind};
-use zbroker::trie::{MATCH_CACHE_CAPACITY, RoutingIndex, SubId};
+use zbroker_core::filter::{Filter, FilterKind};
+use zbroker_core::index::{MATCH_CACHE_CAPACITY, RoutingIndex, SubId};
 
 /// Dense, collision-rich subscriber ids, as in the broker.
 const SUBS: u8 = 8;

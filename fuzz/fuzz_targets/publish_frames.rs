@@ -25,9 +25,9 @@ use std::time::Instant;
 
 use common::Input;
 use libfuzzer_sys::fuzz_target;
-use zbroker::broker::{Broker, SendOutcome, Transport};
-use zbroker::config::Config;
-use zbroker::protocol::{self, DEFAULT_MAX_TOPIC_LEN, PublishError};
+use zbroker_core::broker::{Broker, SendOutcome, Transport};
+use zbroker_core::config::BrokerConfig;
+use zbroker_core::protocol::{self, DEFAULT_MAX_TOPIC_LEN, PublishError};
 
 type Bytes = Rc<[u8]>;
 
@@ -80,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
         255 => DEFAULT_MAX_TOPIC_LEN,
         n => n as usize,
     };
-    let mut config = Config::default();
+    let mut config = BrokerConfig::default();
     config.limits.max_topic_len = max_topic_len;
     let now = Instant::now();
     let mut broker: Broker<Bytes> = Broker::new(config, now);

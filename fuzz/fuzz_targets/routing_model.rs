@@ -38,8 +38,8 @@ use std::collections::BTreeSet;
 
 use common::{Input, PIECES};
 use libfuzzer_sys::fuzz_target;
-use zbroker::filter::{Filter, FilterKind};
-use zbroker::trie::{RoutingIndex, SubId};
+use zbroker_core::filter::{Filter, FilterKind};
+use zbroker_core::index::{RoutingIndex, SubId};
 
 /// Subscriber ids are dense slots in the broker, so a handful of small ones
 /// is both realistic and collision-rich.

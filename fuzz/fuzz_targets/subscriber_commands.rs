@@ -34,10 +34,10 @@ use std::time::Instant;
 
 use common::Input;
 use libfuzzer_sys::fuzz_target;
-use zbroker::broker::{Broker, SendOutcome, Transport};
-use zbroker::config::Config;
-use zbroker::filter::{Filter, FilterError, FilterKind};
-use zbroker::protocol::{self, Command, CommandError, ErrorCode, Reply};
+use zbroker_core::broker::{Broker, SendOutcome, Transport};
+use zbroker_core::config::BrokerConfig;
+use zbroker_core::filter::{Filter, FilterError, FilterKind};
+use zbroker_core::protocol::{self, Command, CommandError, ErrorCode, Reply};
 
 type Bytes = Rc<[u8]>;
 
@@ -167,7 +167,7 @@ impl Model {
             Command::Ping => Expected::Pong,
             Command::Subscribe(filter) => {
                 // The target runs with the default pattern segment limit.
-                let max_segments = zbroker::config::Limits::default().max_pattern_segments;
+                let max_segments = zbroker_core::config::Limits::default().max_pattern_segments;
                 if !held.contains(&filter)
                     && (held.len() >= self.max_per_subscriber
                         || filter.pattern_segments() > max_segments
@@ -253,7 +253,7 @@ fuzz_target!(|data: &[u8]| {
         max_total: 1 + (limits >> 4) % 8,
         filters: BTreeMap::new(),
     };
-    let mut config = Config::default();
+    let mut config = BrokerConfig::default();
     config.limits.max_filter_len = max_filter_len;
     config.limits.max_subscribers = model.max_subscribers;
     config.limits.max_filters_per_subscriber = model.max_per_subscriber;

@@ -6,7 +6,7 @@
 //! errors and never panic on any input.
 //!
 //! ```
-//! use zbroker::protocol::{self, Command};
+//! use zbroker_core::protocol::{self, Command};
 //! let cmd = protocol::parse_command(&[b"SUB", b"prefix", b"net."], 1024).unwrap();
 //! assert!(matches!(cmd, Command::Subscribe(f) if f.text() == b"net."));
 //!

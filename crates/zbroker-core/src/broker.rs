@@ -10,8 +10,8 @@
 //! ```
 //! use std::rc::Rc;
 //! use std::time::Instant;
-//! use zbroker::broker::{Broker, SendOutcome, Transport};
-//! use zbroker::config::Config;
+//! use zbroker_core::broker::{Broker, SendOutcome, Transport};
+//! use zbroker_core::config::BrokerConfig;
 //!
 //! /// Records what the core sends.
 //! #[derive(Default)]
@@ -25,7 +25,7 @@
 //! }
 //!
 //! let now = Instant::now();
-//! let mut broker = Broker::new(Config::default(), now);
+//! let mut broker = Broker::new(BrokerConfig::default(), now);
 //! let mut out = Log::default();
 //! broker.on_command(b"sub-1", None, &[b"SUB", b"prefix", b"net."], 3, now, &mut out);
 //! let mut frames: [Rc<[u8]>; 2] = [Rc::from(&b"net.a"[..]), Rc::from(&b"hello"[..])];
@@ -40,14 +40,13 @@ use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
 
-use crate::auth::Acl;
-use crate::config::{Config, Limits, OverflowPolicy, QueueConfig};
+use crate::acl::Acl;
+use crate::config::{BrokerConfig, Limits, OverflowPolicy, QueueConfig};
+use crate::counters::{Counters, LogLimiter, Snapshot};
 use crate::filter::Filter;
-use crate::frame::Frame;
-use crate::metrics::{Counters, LogLimiter, Snapshot};
+use crate::index::{RoutingIndex, SubId};
 use crate::protocol::{self, Command, CommandError, ErrorCode, PublishError};
 use crate::subscribers::{Queued, Reply, Subscriber, SubscriberTable};
-use crate::trie::{RoutingIndex, SubId};
 
 /// A message part the core can hold on to and fan out.
 ///
@@ -63,18 +62,6 @@ pub trait Payload: Sized {
     /// again until it is refilled.
     fn take(&mut self) -> Self {
         self.share()
-    }
-}
-
-impl Payload for Frame {
-    fn bytes(&self) -> &[u8] {
-        Frame::bytes(self)
-    }
-    fn share(&mut self) -> Self {
-        Frame::share(self)
-    }
-    fn take(&mut self) -> Self {
-        Frame::take(self)
     }
 }
 
@@ -409,7 +396,7 @@ fn count_drop<P>(counters: &mut Counters, sub: &mut Subscriber<P>, item: &Queued
 /// - queues stay within [`QueueConfig`]'s bounds and the subscriber and
 ///   filter counts within [`crate::config::Limits`].
 pub struct Broker<P> {
-    config: Config,
+    config: BrokerConfig,
     acl: Option<Arc<Acl>>,
     index: RoutingIndex,
     subs: SubscriberTable<P>,
@@ -437,7 +424,7 @@ pub struct Broker<P> {
 
 impl<P: Payload> Broker<P> {
     /// A broker with no subscribers.
-    pub fn new(config: Config, now: Instant) -> Self {
+    pub fn new(config: BrokerConfig, now: Instant) -> Self {
         let stranger_tokens = f64::from(config_rate(&config));
         Broker {
             queues: Queues::new(&config.queue),
@@ -466,7 +453,7 @@ impl<P: Payload> Broker<P> {
     }
 
     /// The configuration it runs with.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &BrokerConfig {
         &self.config
     }
 
@@ -1232,7 +1219,7 @@ impl<P: Payload> Broker<P> {
 }
 
 /// The command rate the limits allow, at least 1.
-fn config_rate(config: &Config) -> u32 {
+fn config_rate(config: &BrokerConfig) -> u32 {
     config.limits.max_commands_per_sec.max(1)
 }
 
@@ -1338,7 +1325,7 @@ mod tests {
     #[test]
     fn subscribe_publish_unsubscribe() {
         let now = Instant::now();
-        let mut b = Broker::new(Config::default(), now);
+        let mut b = Broker::new(BrokerConfig::default(), now);
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"SUB", b"exact", b"x.y"]);
         assert_eq!(last_reply(&out), [&b"OK"[..], b"SUB", b"exact", b"x.y"]);
@@ -1364,7 +1351,7 @@ mod tests {
     #[test]
     fn malformed_input_is_refused_and_counted() {
         let now = Instant::now();
-        let mut b = Broker::new(Config::default(), now);
+        let mut b = Broker::new(BrokerConfig::default(), now);
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"HELLO"]);
         assert_eq!(last_reply(&out)[..2], [&b"ERR"[..], b"bad-command"]);
@@ -1390,7 +1377,7 @@ mod tests {
     #[test]
     fn staged_deliveries_go_out_per_subscriber_in_order() {
         let now = Instant::now();
-        let mut b = Broker::new(Config::default(), now);
+        let mut b = Broker::new(BrokerConfig::default(), now);
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
         command(&mut b, &mut out, b"b", &[b"SUB", b"exact", b"x"]);
@@ -1440,7 +1427,7 @@ mod tests {
     #[test]
     fn staged_deliveries_to_a_full_pipe_queue_in_order() {
         let now = Instant::now();
-        let mut b = Broker::new(Config::default(), now);
+        let mut b = Broker::new(BrokerConfig::default(), now);
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
         out.full.insert(b"a".to_vec());
@@ -1458,7 +1445,7 @@ mod tests {
     #[test]
     fn staging_is_bounded() {
         let now = Instant::now();
-        let mut b = Broker::new(Config::default(), now);
+        let mut b = Broker::new(BrokerConfig::default(), now);
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
         for _ in 0..MAX_STAGED_MESSAGES + 10 {
@@ -1471,7 +1458,7 @@ mod tests {
     #[test]
     fn full_pipe_queues_in_order_then_drops_with_a_gap() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.queue.max_messages = 3;
         let (mut b, mut out) = one_full_subscriber(config, now);
         for _ in 0..5 {
@@ -1494,7 +1481,7 @@ mod tests {
     #[test]
     fn drop_old_keeps_the_newest() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.queue.max_messages = 2;
         config.queue.policy = OverflowPolicy::DropOld;
         let (mut b, mut out) = one_full_subscriber(config, now);
@@ -1511,7 +1498,7 @@ mod tests {
     #[test]
     fn unreachable_and_silent_subscribers_are_freed() {
         let now = Instant::now();
-        let mut b = Broker::new(Config::default(), now);
+        let mut b = Broker::new(BrokerConfig::default(), now);
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
         command(&mut b, &mut out, b"b", &[b"SUB", b"prefix", b""]);
@@ -1530,7 +1517,7 @@ mod tests {
     #[test]
     fn disconnect_policy_cuts_off_and_tells() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.queue.max_messages = 1;
         config.queue.policy = OverflowPolicy::Disconnect;
         let (mut b, mut out) = one_full_subscriber(config, now);
@@ -1546,7 +1533,7 @@ mod tests {
 
     /// A broker on `config` with subscriber "a" on everything and its pipe
     /// full, so what is routed to it queues.
-    fn one_full_subscriber(config: Config, now: Instant) -> (Broker<Bytes>, Recorder) {
+    fn one_full_subscriber(config: BrokerConfig, now: Instant) -> (Broker<Bytes>, Recorder) {
         let mut b = Broker::new(config, now);
         let mut out = Recorder::default();
         command(&mut b, &mut out, b"a", &[b"SUB", b"prefix", b""]);
@@ -1556,7 +1543,7 @@ mod tests {
 
     /// The backpressure policy, queues of 4 messages, "a" behind a full pipe.
     fn backpressured(now: Instant) -> (Broker<Bytes>, Recorder) {
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.queue.max_messages = 4;
         config.queue.policy = OverflowPolicy::Backpressure;
         config.queue.disconnect_after = Duration::from_secs(5);
@@ -1603,7 +1590,7 @@ mod tests {
     #[test]
     fn backpressure_counts_staged_bytes_toward_the_mark() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.queue.max_bytes = 100;
         config.queue.policy = OverflowPolicy::Backpressure;
         let (mut b, mut out) = one_full_subscriber(config, now);
@@ -1624,7 +1611,7 @@ mod tests {
     #[test]
     fn backpressure_clocks_every_backlog_while_all_queues_hold_half_the_total() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.queue.max_total_bytes = 40;
         config.queue.policy = OverflowPolicy::Backpressure;
         config.queue.disconnect_after = Duration::from_secs(5);
@@ -1681,7 +1668,7 @@ mod tests {
     #[test]
     fn limits_refuse_with_err_limit() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.limits.max_subscribers = 1;
         config.limits.max_filters_per_subscriber = 1;
         let mut b = Broker::new(config, now);
@@ -1697,7 +1684,7 @@ mod tests {
     #[test]
     fn patterns_over_the_segment_limit_are_refused() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.limits.max_pattern_segments = 3;
         let mut b = Broker::new(config, now);
         let mut out = Recorder::default();
@@ -1715,7 +1702,7 @@ mod tests {
     #[test]
     fn the_index_byte_limit_refuses_once_passed() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.limits.max_index_bytes = 4096;
         let mut b = Broker::new(config, now);
         let mut out = Recorder::default();
@@ -1747,7 +1734,7 @@ mod tests {
     #[test]
     fn one_key_cannot_hold_more_than_its_quota() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.limits.max_filters_per_key = 3;
         let mut b = Broker::new(config, now);
         let mut out = Recorder::default();
@@ -1782,7 +1769,7 @@ mod tests {
     #[test]
     fn garbage_from_strangers_shares_one_rate_limit() {
         let now = Instant::now();
-        let mut config = Config::default();
+        let mut config = BrokerConfig::default();
         config.limits.max_commands_per_sec = 10;
         let mut b = Broker::new(config, now);
         let mut out = Recorder::default();

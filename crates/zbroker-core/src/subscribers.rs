@@ -9,8 +9,8 @@ use hashbrown::{HashMap, HashSet};
 use smallvec::SmallVec;
 
 use crate::filter::Filter;
+use crate::index::SubId;
 use crate::protocol::ErrorCode;
-use crate::trie::SubId;
 
 /// A ROUTER routing id; libzmq's generated ids are 5 bytes, so they stay
 /// inline.

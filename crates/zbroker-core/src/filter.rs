@@ -2,7 +2,7 @@
 //! the reference definition of what each one matches.
 //!
 //! [`Filter::matches`] is the specification. The routing index
-//! ([`crate::trie::RoutingIndex`]) must agree with it for every topic; the
+//! ([`crate::index::RoutingIndex`]) must agree with it for every topic; the
 //! tests and the `routing_model` fuzz target check exactly that.
 
 use std::fmt;
@@ -113,7 +113,7 @@ impl Filter {
     /// Validates `text` as a filter of `kind` no longer than `max_len` bytes.
     ///
     /// ```
-    /// use zbroker::filter::{Filter, FilterKind};
+    /// use zbroker_core::filter::{Filter, FilterKind};
     /// let f = Filter::new(FilterKind::Pattern, b"net.*.port", 1024).unwrap();
     /// assert!(f.matches(b"net.a.port"));
     /// assert!(Filter::new(FilterKind::Pattern, b"net.>.x", 1024).is_err());

@@ -41,8 +41,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
-use zbroker::filter::{Filter, FilterKind};
-use zbroker::trie::{MATCH_CACHE_CAPACITY, RoutingIndex, SubId};
+use zbroker_core::filter::{Filter, FilterKind};
+use zbroker_core::index::{MATCH_CACHE_CAPACITY, RoutingIndex, SubId};
 
 const SIZES: [usize; 4] = [10, 1_000, 100_000, 1_000_000];
 const MAX_LEN: usize = 1024;

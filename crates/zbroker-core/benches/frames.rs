@@ -1,28 +1,21 @@
 //! Protocol v1 codec costs: validating a publish (`check_publish`), decoding
 //! each subscriber command (`parse_command` for SUB exact/prefix/pattern,
 //! UNSUB, PING and malformed input), writing and parsing the delivery header
-//! (`write_header`, `parse_header`) and building it as a ZeroMQ part
-//! (`Frame::header`), next to the `Frame` operations the forwarding path
-//! performs per delivery (`Frame::share`, `Frame::from_slice` for the
-//! routing id).
+//! (`write_header`, `parse_header`). The same header built as a ZeroMQ part,
+//! and the other libzmq part operations per delivery, are in the server
+//! crate's `benches/zmq_frames.rs` (this crate has no libzmq).
 //!
 //! Why: everything here runs once per published message or once per
 //! delivery, so it bounds what routing can cost before libzmq is involved.
-//! `Frame::header` is measured with a short topic (the header fits libzmq's
-//! 33-byte inline part) and with a realistic 56-byte topic (it does not, so
-//! libzmq allocates per delivery), to show what the topic length costs.
 
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use zbroker::frame::Frame;
-use zbroker::protocol::{self, DEFAULT_MAX_TOPIC_LEN};
+use criterion::{Criterion, criterion_group, criterion_main};
+use zbroker_core::protocol::{self, DEFAULT_MAX_TOPIC_LEN};
 
 /// 56 bytes, 4 segments: a Dragonflow-like object event.
 const TOPIC: &[u8] = b"neutron.port.6f1c2a9e-3b7d-4e58-9a0c-d2e4f6a8b1c3.update";
-/// Short enough that `MSG | seq | topic` (11 + 19 bytes) stays inline.
-const SHORT_TOPIC: &[u8] = b"node.compute-1.port";
 
 fn publish(c: &mut Criterion) {
     let mut group = c.benchmark_group("frames/check_publish");
@@ -84,28 +77,6 @@ fn header(c: &mut Criterion) {
     group.bench_function("parse_header_not_a_header", |b| {
         b.iter(|| protocol::parse_header(black_box(b"PONG")))
     });
-    for (name, topic) in [("inline_19B_topic", SHORT_TOPIC), ("heap_56B_topic", TOPIC)] {
-        group.bench_function(BenchmarkId::new("Frame::header", name), |b| {
-            b.iter(|| Frame::header(black_box(123_456), black_box(topic)))
-        });
-    }
-    group.finish();
-}
-
-fn frame_ops(c: &mut Criterion) {
-    let mut group = c.benchmark_group("frames/frame");
-    // What `RouterTransport` does per delivery besides the header: a part
-    // for the routing id (libzmq's default ids are 5 bytes) and a shared
-    // handle on the payload.
-    group.bench_function("from_slice_routing_id", |b| {
-        b.iter(|| Frame::from_slice(black_box(b"\0\x80\0\0\x01")))
-    });
-    for len in [64usize, 256 << 10] {
-        let mut payload = Frame::from_slice(&vec![0xab; len]);
-        group.bench_function(BenchmarkId::new("share", format!("{len}B")), |b| {
-            b.iter(|| payload.share())
-        });
-    }
     group.finish();
 }
 
@@ -118,6 +89,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = publish, commands, header, frame_ops
+    targets = publish, commands, header
 }
 criterion_main!(benches);

@@ -1,0 +1,174 @@
+//! What the core is configured with: limits on clients, the queue policy
+//! for slow subscribers, and the subscriber timeout. The server crate reads
+//! these (with its own socket settings) from flags, the environment and a
+//! TOML file; every field here has its embedded default.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::protocol::DEFAULT_MAX_TOPIC_LEN;
+
+/// The core's settings. `BrokerConfig::default()` is what `zbroker run`
+/// starts on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BrokerConfig {
+    /// Hard limits on what clients may ask for.
+    pub limits: Limits,
+    /// Per-subscriber pending queues for when the transport's pipe is full.
+    pub queue: QueueConfig,
+    /// A subscriber not heard from for this long is forgotten.
+    pub sub_timeout: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            limits: Limits::default(),
+            queue: QueueConfig::default(),
+            sub_timeout: DEFAULT_SUB_TIMEOUT,
+        }
+    }
+}
+
+/// The default of [`BrokerConfig::sub_timeout`].
+pub const DEFAULT_SUB_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Limits on clients; a command over a limit gets `[ERR, limit, …]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Longest topic a publisher may use, in bytes.
+    pub max_topic_len: usize,
+    /// Longest filter a subscriber may hold, in bytes.
+    pub max_filter_len: usize,
+    /// Most subscribers the broker tracks at once.
+    pub max_subscribers: usize,
+    /// Most filters one subscriber may hold.
+    pub max_filters_per_subscriber: usize,
+    /// Most filters across all subscribers.
+    pub max_filters_total: usize,
+    /// Largest message part libzmq accepts (`ZMQ_MAXMSGSIZE`); a peer that
+    /// sends a larger one is disconnected by libzmq. `-1`: no limit.
+    pub max_message_size: i64,
+    /// Commands one subscriber may send per second, sustained; a burst may
+    /// add `max_filters_per_subscriber` more (a full re-subscribe).
+    pub max_commands_per_sec: u32,
+    /// Replies (OK, ERR, PONG) queued for one subscriber that does not read,
+    /// beyond a full re-subscribe (`max_filters_per_subscriber`, always
+    /// allowed); more are dropped and counted.
+    pub max_queued_replies: usize,
+    /// Most `.`-separated segments in a pattern filter. Matching a topic
+    /// against patterns visits at most 2^(n+1) trie nodes for n segments,
+    /// so this bounds the CPU one publish can cost (README, "Security").
+    pub max_pattern_segments: usize,
+    /// Most heap bytes the routing index may hold (its running count, as in
+    /// `zbroker_index_heap_bytes`); past it, `SUB` gets `[ERR, limit, …]`.
+    pub max_index_bytes: usize,
+    /// Under CURVE: most filters the subscribers of one key may hold
+    /// together, so that one key cannot take `max_filters_total` from the
+    /// others.
+    pub max_filters_per_key: usize,
+    /// Most live connections per bound endpoint; one more is accepted and
+    /// closed at once, and counted. Keeps descriptors for everyone else.
+    pub max_connections: usize,
+}
+
+/// Upper bound of `max_topic_len` and `max_filter_len`: every structure
+/// that walks a topic or filter stays within fixed stack and time.
+pub const MAX_LENGTH_SETTING: usize = 64 << 10;
+/// Upper bound of `max_pattern_segments`.
+pub const MAX_PATTERN_SEGMENTS_SETTING: usize = 1024;
+/// Upper bound of `max_message_size`: 1 GiB.
+pub const MAX_MESSAGE_SIZE_SETTING: i64 = 1 << 30;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_topic_len: DEFAULT_MAX_TOPIC_LEN,
+            max_filter_len: DEFAULT_MAX_TOPIC_LEN,
+            max_subscribers: 100_000,
+            max_filters_per_subscriber: 10_000,
+            max_filters_total: 1_000_000,
+            max_message_size: 16 << 20,
+            max_commands_per_sec: 5_000,
+            max_queued_replies: 1_024,
+            max_pattern_segments: 16,
+            max_index_bytes: 1 << 30,
+            max_filters_per_key: 100_000,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// What happens to a message for a subscriber whose queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverflowPolicy {
+    /// Drop the new message (the subscriber sees a seq gap).
+    DropNew,
+    /// Drop the oldest queued message to make room.
+    DropOld,
+    /// Drop the new message, and once the queue has stayed full for
+    /// [`QueueConfig::disconnect_after`], drop the subscriber's filters and
+    /// queue and tell it with `[ERR, limit, …]`.
+    Disconnect,
+    /// Lose nothing to a slow consumer: while any subscriber's queue,
+    /// counting what is routed to it and not sent yet, is half full (half
+    /// of `max_messages` messages or of `max_bytes` bytes, replies'
+    /// bytes included), or all queues together hold half of
+    /// [`QueueConfig::max_total_bytes`], stop reading publishers, so
+    /// libzmq's PUSH high-water mark slows them down. Every publisher then
+    /// runs at the pace of the slowest matching subscriber. A subscriber
+    /// holding publishers back that takes nothing for
+    /// [`QueueConfig::disconnect_after`] (give or take one sweep of the
+    /// broker's timer) is cut off as with `Disconnect`, so a stuck one
+    /// cannot stall publishers for longer. A message that does not fit in
+    /// the half left (larger than it) is still dropped and counted.
+    Backpressure,
+}
+
+impl OverflowPolicy {
+    /// Parses `drop-new`, `drop-old`, `disconnect` or `backpressure`.
+    pub fn parse(word: &str) -> Option<OverflowPolicy> {
+        match word {
+            "drop-new" => Some(OverflowPolicy::DropNew),
+            "drop-old" => Some(OverflowPolicy::DropOld),
+            "disconnect" => Some(OverflowPolicy::Disconnect),
+            "backpressure" => Some(OverflowPolicy::Backpressure),
+            _ => None,
+        }
+    }
+}
+
+/// Bounds of the broker-side queue each subscriber gets once libzmq's pipe
+/// to it is full.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Most messages queued for one subscriber.
+    pub max_messages: usize,
+    /// Most payload + topic bytes queued for one subscriber.
+    pub max_bytes: usize,
+    /// Most bytes queued across all subscribers.
+    pub max_total_bytes: usize,
+    /// What to do when a queue is full.
+    pub policy: OverflowPolicy,
+    /// With [`OverflowPolicy::Disconnect`]: how long a queue may stay full;
+    /// with [`OverflowPolicy::Backpressure`]: how long a subscriber holding
+    /// publishers back may take nothing.
+    #[serde(with = "humantime_serde")]
+    pub disconnect_after: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_messages: 10_000,
+            max_bytes: 16 << 20,
+            max_total_bytes: 512 << 20,
+            policy: OverflowPolicy::DropNew,
+            disconnect_after: Duration::from_secs(5),
+        }
+    }
+}

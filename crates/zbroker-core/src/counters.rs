@@ -1,0 +1,131 @@
+//! Counters the broker keeps about itself. The core updates plain integers
+//! (it is single-threaded); exporters read a [`Snapshot`], which the server
+//! crate renders for Prometheus.
+
+/// Logs at most once a second, counting what it held back, so a flood of bad
+/// input (malformed frames, failed handshakes) cannot turn into a flood of
+/// log lines.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    next: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// Logs `what` as a warning unless one was logged less than a second ago.
+    pub fn warn(&mut self, now: std::time::Instant, what: std::fmt::Arguments<'_>) {
+        if self.next.is_some_and(|next| now < next) {
+            self.suppressed += 1;
+            return;
+        }
+        self.next = Some(now + std::time::Duration::from_secs(1));
+        let suppressed = std::mem::take(&mut self.suppressed);
+        tracing::warn!(suppressed, "{what}");
+    }
+}
+
+/// Monotonic counters since start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Valid messages received from publishers.
+    pub published: u64,
+    /// Payload bytes of valid published messages.
+    pub published_bytes: u64,
+    /// Published messages that matched no subscriber.
+    pub unmatched: u64,
+    /// (message, subscriber) pairs routed: each took one seq number.
+    pub routed: u64,
+    /// Routed messages handed to libzmq.
+    pub delivered: u64,
+    /// Payload bytes of delivered messages.
+    pub delivered_bytes: u64,
+    /// Routed messages dropped because a queue was full (seen as a gap).
+    pub dropped_queue_full: u64,
+    /// Queued messages dropped because their subscriber went away.
+    pub dropped_subscriber_gone: u64,
+    /// Replies (OK, ERR, PONG) dropped because a queue was full.
+    pub dropped_replies: u64,
+    /// Publisher messages refused as malformed.
+    pub malformed_publishes: u64,
+    /// Subscriber commands refused as malformed.
+    pub malformed_commands: u64,
+    /// Commands refused by a limit (subscribers, filters).
+    pub refused_limit: u64,
+    /// Commands refused by the per-subscriber command rate limit.
+    pub refused_rate: u64,
+    /// SUB commands refused by the key's ACL.
+    pub refused_unauthorized: u64,
+    /// Published messages dropped by the publisher key's ACL.
+    pub unauthorized_publishes: u64,
+    /// Subscriber commands accepted.
+    pub commands: u64,
+    /// Subscribers forgotten after `sub_timeout` of silence.
+    pub expired_subscribers: u64,
+    /// Subscribers forgotten because libzmq no longer knew them.
+    pub unreachable_subscribers: u64,
+    /// Subscribers cut off by the `disconnect` or `backpressure` overflow
+    /// policy.
+    pub slow_disconnects: u64,
+    /// Times the `backpressure` policy stopped reading publishers.
+    pub backpressure_pauses: u64,
+}
+
+/// Counters plus the current gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Counters since start.
+    pub counters: Counters,
+    /// Subscribers tracked now.
+    pub subscribers: u64,
+    /// (filter, subscriber) pairs held now.
+    pub subscriptions: u64,
+    /// Messages waiting in broker-side queues now.
+    pub queued_messages: u64,
+    /// Bytes of the deliveries waiting in broker-side queues now, each
+    /// counted as if copied (payloads are shared, so real memory is less).
+    pub queued_bytes: u64,
+    /// The longest single subscriber queue now, in messages.
+    pub max_queue_depth: u64,
+    /// 1 while the `backpressure` policy holds publishers back, else 0.
+    pub publishers_paused: u64,
+    /// Heap bytes of the routing index (what `max_index_bytes` bounds).
+    pub index_heap_bytes: u64,
+    /// Bytes in libzmq's pipes to subscribers now (what `sub_hwm_bytes`
+    /// bounds per subscriber), shared payloads counted per subscriber.
+    pub libzmq_queued_bytes: u64,
+    /// Connection-level figures the event loop adds (zero in the bare core).
+    pub connections: Connections,
+}
+
+/// What the event loop sees of connections, from libzmq's socket monitors
+/// and the ZAP handler.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Connections {
+    /// Publisher connections open now.
+    pub publishers: u64,
+    /// Subscriber connections open now (a subscriber is counted in
+    /// `Snapshot::subscribers` once it has sent a command).
+    pub subscribers: u64,
+    /// Handshakes that failed: wrong mechanism (plaintext against CURVE),
+    /// bad keys, or keys the ZAP handler refused.
+    pub handshake_failures: u64,
+    /// CURVE keys the ZAP handler refused.
+    pub auth_denied: u64,
+    /// Peers libzmq dropped or refused on the publisher endpoint.
+    pub publisher_refusals: Refusals,
+    /// Peers libzmq dropped or refused on the subscriber endpoint.
+    pub subscriber_refusals: Refusals,
+}
+
+/// Peers one endpoint's libzmq socket dropped or refused, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Dropped for a message part over `max_message_size`.
+    pub message_size: u64,
+    /// Dropped for a message of more parts than any protocol v1 message.
+    pub message_parts: u64,
+    /// Connections closed at once, over `max_connections`.
+    pub connections: u64,
+    /// `accept` calls that failed (mostly: out of descriptors).
+    pub accept_failures: u64,
+}
