@@ -14,6 +14,7 @@ reproducers, for instance) alone.
 
 import os
 import struct
+from collections.abc import Sequence
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
 
@@ -481,8 +482,191 @@ def broker_session() -> None:
     )
 
 
+# index_limits: operations until the input ends (see Op::read); each pattern
+# or topic is a Shape (see Shape::read).
+MAX_SEGMENTS = 1024  # the broker's hard cap on pattern segments
+MAX_LEN = 64 << 10  # its upper bound on filter and topic length
+
+# Segment choices, by index into SEGMENTS (3 and 4 repeat "a" and "*"). In a
+# topic, "*" and ">" are plain literals.
+SEG_A, SEG_STAR, SEG_WIDE, SEG_B, SEG_EMPTY, SEG_GT = 0, 1, 2, 5, 6, 7
+
+# near_topic's fills, by index: for a `mutate` choice.
+FILL_A, FILL_B, FILL_X, FILL_EMPTY = 0, 1, 2, 3
+
+
+def u16(n: int) -> bytes:
+    """A 16-bit little-endian number."""
+    return struct.pack("<H", n)
+
+
+def shape(
+    segments: int,
+    *period: int,
+    wide: int = 1,
+    twists: Sequence[tuple[int, int]] = (),
+    tail: bool = False,
+) -> bytes:
+    """Shape::read: `segments` segments cycling through the choices in
+    `period`, the wide literal `wide` bytes of "w", each (position, choice)
+    twist overriding the period there, and a final ".>" if `tail`."""
+    assert 1 <= segments <= MAX_SEGMENTS and 1 <= wide <= 64, (segments, wide)
+    assert 1 <= len(period) <= 4 and len(twists) <= 3, (period, twists)
+    return (
+        u16(segments - 1)
+        + bytes([wide - 1, len(period) - 1, *period, len(twists)])
+        + b"".join(u16(at) + bytes([choice]) for at, choice in twists)
+        + bytes([int(tail)])
+    )
+
+
+def il_sub(who: int, pattern: bytes) -> bytes:
+    """Op::Subscribe: subscriber `who` (mod 8) takes the pattern `shape`."""
+    return bytes([0, who]) + pattern
+
+
+def il_unsub_held(i: int) -> bytes:
+    """Op::UnsubscribeHeld: removes the i-th held pair in the model's order."""
+    return bytes([3, i])
+
+
+def il_unsub(who: int, pattern: bytes) -> bytes:
+    """Op::Unsubscribe: subscriber `who` drops the pattern `shape`."""
+    return bytes([4, who]) + pattern
+
+
+def il_publish(topic: bytes) -> bytes:
+    """Op::Publish: a topic `shape`."""
+    return bytes([5]) + topic
+
+
+def il_publish_near(
+    held: int, fill: int = 0, extra: int = 0, mutate: tuple[int, int] | None = None
+) -> bytes:
+    """Op::PublishNear: a topic made from the held-th held pattern, `*`s
+    filled from `fill` on, a final `>` made 1 + extra % 3 segments, and with
+    mutate = (position, fill choice) one segment changed (one past the end:
+    appended)."""
+    if mutate is None:
+        return bytes([6, held, fill, extra, 0])
+    at, choice = mutate
+    return bytes([6, held, fill, extra, 1 | choice << 1]) + u16(at)
+
+
+def il_disconnect(who: int) -> bytes:
+    """Op::Disconnect: removes every pair of subscriber `who` (mod 8)."""
+    return bytes([7, who])
+
+
+def index_limits() -> None:
+    t = "index_limits"
+    a, b, star, wide, empty = SEG_A, SEG_B, SEG_STAR, SEG_WIDE, SEG_EMPTY
+
+    # Patterns and a topic of 200 segments, many of them empty (".*..*."),
+    # a near topic published for each held pattern, then two subscribers
+    # leave.
+    n = 200
+    write(
+        t,
+        "empty_segments",
+        il_sub(0, shape(n, empty, star))
+        + il_sub(1, shape(n, empty, empty))
+        + il_sub(2, shape(n - 1, star, empty, tail=True))
+        + il_sub(3, shape(n, wide, empty, star, wide=3))
+        + il_publish(shape(n, empty))
+        + b"".join(il_publish_near(i) for i in range(4))
+        + il_disconnect(0)
+        + il_publish_near(0)
+        + il_disconnect(2)
+        + il_publish_near(1),
+    )
+
+    # As many 64-byte segments as fit in MAX_LEN: 1008, 65519 bytes.
+    n = (MAX_LEN + 1) // (64 + 1)
+    write(
+        t,
+        "max_bytes",
+        il_sub(0, shape(n, wide, wide=64))
+        + il_sub(1, shape(n, wide, wide=64, twists=[(1000, star)]))
+        + il_sub(2, shape(n - 1, wide, wide=64, twists=[(0, star)], tail=True))
+        + il_publish_near(0)
+        + il_publish_near(1, mutate=(1000, FILL_B))
+        + il_publish_near(2, extra=1)
+        + il_unsub_held(1)
+        + il_publish_near(0)
+        + il_disconnect(0)
+        + il_disconnect(1)
+        + il_disconnect(2),
+    )
+
+    # 1024 segments, the cap (1023 and a final ">" for the tail pattern).
+    n = MAX_SEGMENTS
+    write(
+        t,
+        "max_segments",
+        il_sub(0, shape(n, star))
+        + il_sub(1, shape(n, a))
+        + il_sub(2, shape(n - 1, star, tail=True))
+        + il_sub(3, shape(n, a, star))
+        + il_sub(4, shape(n, a, twists=[(n // 2, star)]))
+        + il_publish_near(0)
+        + il_publish_near(1)
+        + il_publish_near(2, extra=2)
+        + il_publish_near(3, fill=1)
+        + il_publish_near(4, mutate=(n, FILL_A))
+        + il_unsub_held(2)
+        + il_publish_near(0)
+        + il_unsub(0, shape(n, star))
+        + il_publish(shape(n, a))
+        + il_disconnect(3),
+    )
+
+    # "a.b.a.b..." patterns of 1024 segments, each with one "*" where the
+    # others diverge (neighbours 10/11 and 499/500, both ends, none), plus
+    # shorter ones ending inside an edge; near topics mutated along the way,
+    # then every pair removed one by one, so edges split and merge back.
+    n = MAX_SEGMENTS
+    stars = [[(900, star)], [(10, star)], [(500, star)], [(11, star)]]
+    stars += [[(499, star)], [(0, star)], [(n - 1, star)], []]
+    write(
+        t,
+        "split_merge",
+        b"".join(il_sub(who, shape(n, a, b, twists=at)) for who, at in enumerate(stars))
+        + il_sub(6, shape(600, a, b, tail=True))
+        + il_sub(5, shape(300, a, b))
+        + b"".join(il_publish_near(k, fill=k, mutate=(97 * k, k)) for k in range(10))
+        + b"".join(
+            il_unsub_held(i) + il_publish_near(i)
+            for i in (3, 0, 5, 1, 0, 2, 0, 1, 0, 0)
+        ),
+    )
+
+    # Fifteen 16-segment patterns "a.a.*.a...a.wwwwwww", the "*" at each
+    # position in turn: a topic of sixteen "a"s walks every one of them to
+    # the last segment and misses, the costly walk the match cache keeps.
+    n = 16
+    all_a = il_publish(shape(n, a))
+    write(
+        t,
+        "worst_case",
+        b"".join(
+            il_sub(i % 8, shape(n, a, wide=7, twists=[(i, star), (n - 1, wide)]))
+            for i in range(n - 1)
+        )
+        + all_a
+        + all_a
+        + il_publish_near(3)
+        + il_publish_near(5, mutate=(n - 1, FILL_X))
+        + il_unsub_held(0)
+        + all_a
+        + il_disconnect(1)
+        + all_a,
+    )
+
+
 if __name__ == "__main__":
     publish_frames()
     subscriber_commands()
     routing_model()
     broker_session()
+    index_limits()
