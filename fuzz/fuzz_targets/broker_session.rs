@@ -373,25 +373,23 @@ struct Signature {
 }
 
 fn signature(sub: &Subscriber<Bytes>) -> Signature {
-    let mut filters: Vec<Filter> = sub.filters.iter().cloned().collect();
+    let mut filters: Vec<Filter> = sub.filters().cloned().collect();
     filters.sort();
     Signature {
         filters,
         queue: sub
-            .queue
-            .iter()
+            .queue()
             .map(|item| match item {
                 Queued::Message { seq, .. } => Ok(*seq),
                 Queued::Reply(reply) => Err(reply.clone()),
             })
             .collect(),
-        dropped: sub.dropped,
+        dropped: sub.dropped(),
     }
 }
 
 fn queued_replies(sub: &Subscriber<Bytes>) -> usize {
-    sub.queue
-        .iter()
+    sub.queue()
         .filter(|item| matches!(item, Queued::Reply(_)))
         .count()
 }
@@ -693,7 +691,7 @@ impl Session {
         let queued = PEERS
             .iter()
             .filter_map(|rid| self.broker.subscriber(rid))
-            .any(|sub| !sub.queue.is_empty());
+            .any(|sub| sub.queue().len() > 0);
         assert_eq!(more, queued, "flush's answer to \"anything still queued?\"");
         self.check();
         self.dating = None;
@@ -920,14 +918,14 @@ impl Session {
                 continue;
             };
             subscribers += 1;
-            let held: BTreeSet<Filter> = sub.filters.iter().cloned().collect();
+            let held: BTreeSet<Filter> = sub.filters().cloned().collect();
             assert_eq!(held, p.filters, "filters of peer {i}");
             assert!(held.len() <= limits.max_filters_per_subscriber);
             pairs += held.len();
-            assert_eq!(sub.last_seq, p.assigned, "last seq of peer {i}");
+            assert_eq!(sub.last_seq(), p.assigned, "last seq of peer {i}");
 
             let (mut own_messages, mut own_bytes, mut last) = (0, 0, 0);
-            for item in &sub.queue {
+            for item in sub.queue() {
                 if let Queued::Message {
                     seq,
                     topic,
@@ -941,8 +939,8 @@ impl Session {
                     own_bytes += topic.len() + payload.len();
                 }
             }
-            let own_replies = sub.queue.len() - own_messages;
-            assert_eq!(sub.queued_replies, own_replies, "peer {i}'s reply count");
+            let own_replies = sub.queue().len() - own_messages;
+            assert_eq!(sub.queued_replies(), own_replies, "peer {i}'s reply count");
             assert!(
                 own_replies <= limits.max_queued_replies + limits.max_filters_per_subscriber,
                 "peer {i}: {own_replies} replies queued"
@@ -956,16 +954,16 @@ impl Session {
                 "peer {i}: {own_bytes} bytes queued"
             );
             messages += own_messages;
-            bytes += sub.queued_bytes;
-            depth = depth.max(sub.queue.len());
-            if sub.queue.is_empty() {
+            bytes += sub.queued_bytes();
+            depth = depth.max(sub.queue().len());
+            if sub.queue().len() == 0 {
                 p.backlogged_since = None;
             } else if p.backlogged_since.is_none() {
                 p.backlogged_since = Some(self.dating.unwrap_or(self.now));
             }
             // Staged deliveries are the last seqs assigned, none delivered.
             let backpressure = queue.policy == OverflowPolicy::Backpressure;
-            let staged_from = p.assigned + 1 - sub.staged.len() as u64;
+            let staged_from = p.assigned + 1 - sub.staged_deliveries() as u64;
             let own_staged_bytes: usize = if backpressure {
                 p.pending
                     .range(staged_from..)
@@ -975,13 +973,14 @@ impl Session {
                 0
             };
             assert_eq!(
-                sub.staged_bytes, own_staged_bytes,
+                sub.staged_bytes(),
+                own_staged_bytes,
                 "peer {i}'s staged bytes"
             );
             staged_bytes += own_staged_bytes;
             let half = |bound: usize| bound.div_ceil(2).max(1);
-            over_mark |= own_messages + sub.staged.len() >= half(queue.max_messages)
-                || sub.queued_bytes + own_staged_bytes >= half(queue.max_bytes);
+            over_mark |= own_messages + sub.staged_deliveries() >= half(queue.max_messages)
+                || sub.queued_bytes() + own_staged_bytes >= half(queue.max_bytes);
         }
         let backpressure = queue.policy == OverflowPolicy::Backpressure;
         over_mark |= bytes + staged_bytes >= queue.max_total_bytes.div_ceil(2).max(1);

@@ -8,6 +8,7 @@ use std::time::Instant;
 use hashbrown::{HashMap, HashSet};
 use smallvec::SmallVec;
 
+use crate::broker::TokenBucket;
 use crate::filter::Filter;
 use crate::index::SubId;
 use crate::protocol::ErrorCode;
@@ -48,45 +49,45 @@ pub enum Reply {
     Pong,
 }
 
-/// What the broker knows about one subscriber.
+/// What the broker knows about one subscriber, read through
+/// [`Broker::subscriber`](crate::broker::Broker::subscriber); only the
+/// broker changes it.
 #[derive(Debug)]
 pub struct Subscriber<P> {
     /// Its ROUTER routing id.
-    pub routing_id: RoutingId,
+    pub(crate) routing_id: RoutingId,
     /// Its CURVE key (Z85), under CURVE: whose filter quota it draws on.
-    pub key: Option<Box<str>>,
+    pub(crate) key: Option<Box<str>>,
     /// The filters it holds; each is also in the routing index.
-    pub filters: HashSet<Filter>,
+    pub(crate) filters: HashSet<Filter>,
     /// The last seq assigned (0: none yet).
-    pub last_seq: u64,
+    pub(crate) last_seq: u64,
     /// When it last sent a command.
-    pub last_heard: Instant,
+    pub(crate) last_heard: Instant,
     /// Messages and replies waiting for room in libzmq's pipe, oldest first.
-    pub queue: VecDeque<Queued<P>>,
+    pub(crate) queue: VecDeque<Queued<P>>,
     /// Bytes held by `queue` (topics, payloads, reply frames).
-    pub queued_bytes: usize,
+    pub(crate) queued_bytes: usize,
     /// Since when its queue has been full without the consumer taking
     /// anything, if it has.
-    pub full_since: Option<Instant>,
+    pub(crate) full_since: Option<Instant>,
     /// Listed in the broker's backlog (of subscribers with queued items).
-    pub in_backlog: bool,
+    pub(crate) in_backlog: bool,
     /// Its queue is past the backpressure mark (half its bounds), which
     /// holds publishers back.
-    pub over_mark: bool,
+    pub(crate) over_mark: bool,
     /// Routed messages it lost to a full queue.
-    pub dropped: u64,
+    pub(crate) dropped: u64,
     /// Replies among `queue`.
-    pub queued_replies: usize,
-    /// Command-rate tokens left (token bucket refilled per second).
-    pub command_tokens: f64,
-    /// When `command_tokens` was last refilled.
-    pub tokens_at: Instant,
+    pub(crate) queued_replies: usize,
+    /// Its command rate limit.
+    pub(crate) command_tokens: TokenBucket,
     /// Indices of the broker's staged messages routed to it and not sent
     /// yet, in order; empty between the broker's calls.
-    pub staged: Vec<u32>,
+    pub(crate) staged: Vec<u32>,
     /// Topic and payload bytes of those, under the backpressure policy
     /// (zero under the others).
-    pub staged_bytes: usize,
+    pub(crate) staged_bytes: usize,
 }
 
 impl<P> Subscriber<P> {
@@ -104,18 +105,68 @@ impl<P> Subscriber<P> {
             over_mark: false,
             dropped: 0,
             queued_replies: 0,
-            command_tokens: f64::MAX,
-            tokens_at: now,
+            // Full whatever the capacity: the first command refills it down
+            // to the capacity the limits allow.
+            command_tokens: TokenBucket::new(f64::MAX, now),
             staged: Vec::new(),
             staged_bytes: 0,
         }
+    }
+
+    /// The last seq assigned to it (0: none yet). Every message routed to
+    /// it takes the next one, delivered or dropped.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The filters it holds, each once, in no particular order; each is
+    /// also in the routing index.
+    pub fn filters(&self) -> impl ExactSizeIterator<Item = &Filter> {
+        self.filters.iter()
+    }
+
+    /// What waits for room in libzmq's pipe, in the order it will be sent:
+    /// messages in seq order, replies behind what was queued before them.
+    pub fn queue(&self) -> impl ExactSizeIterator<Item = &Queued<P>> {
+        self.queue.iter()
+    }
+
+    /// How many of [`queue`](Self::queue)'s items are replies.
+    pub fn queued_replies(&self) -> usize {
+        self.queued_replies
+    }
+
+    /// What [`queue`](Self::queue) holds, in the bytes counted against the
+    /// queue bounds.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Routed messages it lost to a full queue or a cut-off; each shows as
+    /// a gap in its seqs.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Deliveries routed to it and not sent yet (see
+    /// [`Broker::route_publish`](crate::broker::Broker::route_publish)):
+    /// the messages given its last this many seqs.
+    pub fn staged_deliveries(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Topic and payload bytes of its staged deliveries under the
+    /// backpressure policy, where they count toward the mark; zero under
+    /// the others.
+    pub fn staged_bytes(&self) -> usize {
+        self.staged_bytes
     }
 }
 
 /// Subscribers by [`SubId`] and by routing id. Ids of removed subscribers
 /// are reused, so the id space stays as small as the peak subscriber count.
 #[derive(Debug)]
-pub struct SubscriberTable<P> {
+pub(crate) struct SubscriberTable<P> {
     slots: Vec<Option<Subscriber<P>>>,
     free: Vec<SubId>,
     by_routing_id: HashMap<RoutingId, SubId>,
@@ -133,22 +184,17 @@ impl<P> Default for SubscriberTable<P> {
 
 impl<P> SubscriberTable<P> {
     /// Number of subscribers.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_routing_id.len()
     }
 
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.by_routing_id.is_empty()
-    }
-
     /// The id of the subscriber with this routing id.
-    pub fn lookup(&self, routing_id: &[u8]) -> Option<SubId> {
+    pub(crate) fn lookup(&self, routing_id: &[u8]) -> Option<SubId> {
         self.by_routing_id.get(routing_id).copied()
     }
 
     /// Adds a subscriber; the caller has checked it is not present.
-    pub fn insert(&mut self, routing_id: &[u8], now: Instant) -> SubId {
+    pub(crate) fn insert(&mut self, routing_id: &[u8], now: Instant) -> SubId {
         let record = Subscriber::new(routing_id, now);
         let id = match self.free.pop() {
             Some(id) => {
@@ -166,7 +212,7 @@ impl<P> SubscriberTable<P> {
     }
 
     /// Removes and returns a subscriber.
-    pub fn remove(&mut self, id: SubId) -> Option<Subscriber<P>> {
+    pub(crate) fn remove(&mut self, id: SubId) -> Option<Subscriber<P>> {
         let record = self.slots.get_mut(id as usize)?.take()?;
         self.by_routing_id.remove(&record.routing_id[..]);
         self.free.push(id);
@@ -174,17 +220,17 @@ impl<P> SubscriberTable<P> {
     }
 
     /// The subscriber with this id.
-    pub fn get(&self, id: SubId) -> Option<&Subscriber<P>> {
+    pub(crate) fn get(&self, id: SubId) -> Option<&Subscriber<P>> {
         self.slots.get(id as usize)?.as_ref()
     }
 
     /// The subscriber with this id, mutably.
-    pub fn get_mut(&mut self, id: SubId) -> Option<&mut Subscriber<P>> {
+    pub(crate) fn get_mut(&mut self, id: SubId) -> Option<&mut Subscriber<P>> {
         self.slots.get_mut(id as usize)?.as_mut()
     }
 
     /// Every subscriber with its id.
-    pub fn iter(&self) -> impl Iterator<Item = (SubId, &Subscriber<P>)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (SubId, &Subscriber<P>)> {
         self.slots
             .iter()
             .enumerate()
