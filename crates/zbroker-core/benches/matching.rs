@@ -6,7 +6,7 @@
 //! filters each (one of every kind), as a broker serving one agent per
 //! compute node would.
 //!
-//! Why: `src/trie.rs` promises that a match costs O(topic length + matching
+//! Why: `zbroker_core::index` promises that a match costs O(topic length + matching
 //! pairs) whatever the number of subscriptions that do not match. This bench
 //! checks that promise where it matters, a million unrelated filters, with
 //! Dragonflow-like topics (`neutron.port.<uuid>.update`, tenant and host ids,
