@@ -7,7 +7,8 @@ mod common;
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
-use common::{RawSubscriber, TRANSPORTS, TestBroker, Transport};
+use common::metrics::{BACKPRESSURE_PAUSES, PUBLISHERS_PAUSED};
+use common::{Metrics, RawSubscriber, TRANSPORTS, TestBroker, Transport};
 use zbroker::config::{Config, OverflowPolicy};
 
 /// More than libzmq's pipes, the kernel's socket buffers and the broker's
@@ -95,16 +96,9 @@ fn run_stall(transport: Transport) {
         s.publishers_paused == 1
     });
     // Operators see it too.
-    let text = zbroker::metrics::fetch(&metrics).unwrap();
-    assert_eq!(
-        common::metric(&text, "zbroker_publishers_paused"),
-        1,
-        "{text}"
-    );
-    assert!(
-        common::metric(&text, "zbroker_backpressure_pauses_total") >= 1,
-        "{text}"
-    );
+    let m = Metrics::scrape(&metrics);
+    assert_eq!(m.get(PUBLISHERS_PAUSED), 1, "{m:#?}");
+    assert!(m.get(BACKPRESSURE_PAUSES) >= 1, "{m:#?}");
     expect_all(&sub, &format!("{transport:?}"));
     done.send(()).unwrap();
     assert_eq!(

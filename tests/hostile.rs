@@ -25,7 +25,7 @@
 //! its whole filter set at once.
 //!
 //! Then one test per attack found by the security review, each against a
-//! broker of its own (`Broker::start_with` changes its flags), each with the
+//! broker of its own (`start_broker` changes its flags), each with the
 //! honest pair checked during and after the attack, the broker alive, its
 //! memory within a stated bound and the relevant counter moved:
 //!
@@ -50,16 +50,17 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::collections::HashSet;
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Rng};
+use common::child::{self, ChildBroker, Log, Options};
+use common::metrics::*;
+use common::{DEADLINE, Rng, mib, procfs, zmtp};
 use zbroker::protocol::{self, ErrorCode, Reply};
 
 const SUB_TIMEOUT: Duration = Duration::from_secs(1);
@@ -79,349 +80,57 @@ const QUEUE_MAX_TOTAL_BYTES: usize = 1 << 20;
 const HONEST_FILTERS: u64 = 2;
 /// Generous: allocators keep freed memory, and a debug build is fat.
 const RSS_SLACK: u64 = 64 << 20;
-/// Bounds every wait on the broker; only reached when something is wrong.
-const DEADLINE: Duration = Duration::from_secs(30);
-const MIB: f64 = (1 << 20) as f64;
 
 fn seed() -> u64 {
-    std::env::var("ZBROKER_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x005e_ed01)
+    common::test_seed().unwrap_or(0x005e_ed01)
 }
 
 // ---------------------------------------------------------------- the broker
 
-/// The broker's metrics, by Prometheus series name (labels included).
-#[derive(Clone, Debug)]
-struct Metrics(BTreeMap<String, u64>);
-
-const SUBSCRIBERS: &str = "zbroker_subscribers";
-const SUBSCRIPTIONS: &str = "zbroker_subscriptions";
-const QUEUED_BYTES: &str = "zbroker_queued_bytes";
-const QUEUED_MESSAGES: &str = "zbroker_queued_messages";
-const SUB_CONNECTIONS: &str = "zbroker_subscriber_connections";
-const PUB_CONNECTIONS: &str = "zbroker_publisher_connections";
-const PUBLISHED: &str = "zbroker_messages_published_total";
-const MALFORMED_PUBLISHES: &str = "zbroker_malformed_total{endpoint=\"publisher\"}";
-const MALFORMED_COMMANDS: &str = "zbroker_malformed_total{endpoint=\"subscriber\"}";
-const REFUSED_LIMIT: &str = "zbroker_commands_refused_total{reason=\"limit\"}";
-const REFUSED_RATE: &str = "zbroker_commands_refused_total{reason=\"rate\"}";
-const REPLIES_DROPPED: &str = "zbroker_replies_dropped_total";
-const EXPIRED: &str = "zbroker_subscribers_removed_total{reason=\"expired\"}";
-const UNREACHABLE: &str = "zbroker_subscribers_removed_total{reason=\"unreachable\"}";
-const HANDSHAKE_FAILURES: &str = "zbroker_handshake_failures_total";
-const DROPPED_QUEUE_FULL: &str = "zbroker_messages_dropped_total{reason=\"queue_full\"}";
-const OVERSIZE_PUB: &str = "zbroker_oversize_disconnects_total{endpoint=\"publisher\"}";
-const OVERSIZE_SUB: &str = "zbroker_oversize_disconnects_total{endpoint=\"subscriber\"}";
-const MULTIPART_PUB: &str = "zbroker_multipart_disconnects_total{endpoint=\"publisher\"}";
-const MULTIPART_SUB: &str = "zbroker_multipart_disconnects_total{endpoint=\"subscriber\"}";
-const REFUSED_CONNECTIONS_SUB: &str = "zbroker_connections_refused_total{endpoint=\"subscriber\"}";
-const ACCEPT_FAILURES_SUB: &str = "zbroker_accept_failures_total{endpoint=\"subscriber\"}";
-const INDEX_HEAP_BYTES: &str = "zbroker_index_heap_bytes";
-const LIBZMQ_QUEUED_BYTES: &str = "zbroker_libzmq_queued_bytes";
-
-impl Metrics {
-    fn parse(text: &str) -> Metrics {
-        let values = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                Some((name.to_string(), value.parse::<f64>().ok()? as u64))
-            })
-            .collect();
-        Metrics(values)
-    }
-
-    fn get(&self, name: &str) -> u64 {
-        *self
-            .0
-            .get(name)
-            .unwrap_or_else(|| panic!("the broker exports no {name}: {self:#?}"))
-    }
-
-    /// How much `name` grew since `before`.
-    fn since(&self, before: &Metrics, name: &str) -> u64 {
-        let (now, then) = (self.get(name), before.get(name));
-        now.checked_sub(then)
-            .unwrap_or_else(|| panic!("{name} went back from {then} to {now}"))
-    }
-
-    /// The gauges as they are with only the honest clients connected.
-    fn at_baseline(&self) -> bool {
-        self.get(SUBSCRIBERS) == 1
-            && self.get(SUBSCRIPTIONS) == HONEST_FILTERS
-            && self.get(QUEUED_BYTES) == 0
-            && self.get(QUEUED_MESSAGES) == 0
-            && self.get(SUB_CONNECTIONS) == 1
-            && self.get(PUB_CONNECTIONS) == 1
-    }
+/// `zbroker run` with the limits above (`overrides`, `("--flag", "value")`,
+/// replace or add flags), on loopback tcp with ports the system picks, its
+/// metrics served on one too.
+fn start_broker(overrides: &[(&str, &str)]) -> ChildBroker {
+    launch(overrides, None)
 }
 
-/// `zbroker run` as a child process; killed on drop so a failing test leaves
-/// nothing behind.
-struct Broker {
-    child: Child,
-    pub_endpoint: String,
-    sub_endpoint: String,
-    metrics_url: String,
-    log: Arc<Mutex<Vec<String>>>,
+/// Like [`start_broker`], under `ulimit -n files`.
+fn start_broker_with_file_limit(files: u32, overrides: &[(&str, &str)]) -> ChildBroker {
+    launch(overrides, Some(files))
 }
 
-impl Broker {
-    /// A broker with the defaults above.
-    fn start() -> Broker {
-        Broker::start_with(&[])
-    }
-
-    /// A broker with `overrides` (`("--flag", "value")`): each replaces the
-    /// value of a flag in the default list, or is appended to it (clap
-    /// refuses a flag given twice).
-    fn start_with(overrides: &[(&str, &str)]) -> Broker {
-        Broker::launch(overrides, None)
-    }
-
-    /// Like [`start_with`](Self::start_with), under `ulimit -n files` (soft
-    /// and hard, so the broker cannot raise it back).
-    fn start_with_file_limit(files: u32, overrides: &[(&str, &str)]) -> Broker {
-        Broker::launch(overrides, Some(files))
-    }
-
-    fn launch(overrides: &[(&str, &str)], file_limit: Option<u32>) -> Broker {
-        let mut flags: Vec<(String, String)> = [
-            ("--pub-bind", "tcp://127.0.0.1:0".to_string()),
-            ("--sub-bind", "tcp://127.0.0.1:0".to_string()),
-            // Port 0: the broker logs the port it got.
-            ("--metrics-bind", "127.0.0.1:0".to_string()),
-            ("--sub-timeout", format!("{}ms", SUB_TIMEOUT.as_millis())),
-            ("--max-filters-per-subscriber", MAX_FILTERS.to_string()),
-            ("--max-message-size", MAX_MESSAGE_SIZE.to_string()),
-            ("--max-topic-len", MAX_LEN.to_string()),
-            ("--max-filter-len", MAX_LEN.to_string()),
-            ("--max-commands-per-sec", COMMANDS_PER_SEC.to_string()),
-            ("--queue-max-messages", QUEUE_MAX_MESSAGES.to_string()),
-            ("--queue-max-bytes", QUEUE_MAX_BYTES.to_string()),
-            ("--queue-max-total-bytes", QUEUE_MAX_TOTAL_BYTES.to_string()),
-            ("--linger", "100ms".to_string()),
-        ]
-        .into_iter()
-        .map(|(flag, value)| (flag.to_string(), value))
-        .collect();
-        for (flag, value) in overrides {
-            assert!(flag.starts_with("--"), "not a flag: {flag}");
-            match flags.iter_mut().find(|(f, _)| f == flag) {
-                Some(slot) => slot.1 = value.to_string(),
-                None => flags.push((flag.to_string(), value.to_string())),
-            }
-        }
-        let mut args = vec!["run".to_string()];
-        args.extend(flags.into_iter().flat_map(|(flag, value)| [flag, value]));
-        // max_queued_replies has no flag; the config file sets it.
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("zbroker.toml");
-        std::fs::write(
-            &config,
-            format!("[limits]\nmax_queued_replies = {MAX_QUEUED_REPLIES}\n"),
-        )
-        .unwrap();
-        let mut command = match file_limit {
-            None => Command::new(BIN),
-            Some(files) => {
-                // exec: the child's pid is the broker's, for /proc.
-                let mut sh = Command::new("sh");
-                sh.arg("-c")
-                    .arg(format!("ulimit -n {files}; exec \"$0\" \"$@\""))
-                    .arg(BIN);
-                sh
-            }
-        };
-        let mut child = command
-            .args(&args)
-            .arg("--config")
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .env_remove("ZBROKER_PUB_BIND")
-            .env_remove("ZBROKER_SUB_BIND")
-            .env_remove("ZBROKER_METRICS_BIND")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start zbroker");
-        // Always drained: a full stderr pipe would stall the broker.
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut broker = Broker {
-            child,
-            pub_endpoint: String::new(),
-            sub_endpoint: String::new(),
-            metrics_url: String::new(),
-            log,
-        };
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let found = |needle: &str| {
-                broker
-                    .log
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|l| l.contains(needle))
-                    .and_then(|l| l.split("endpoint=").nth(1))
-                    .map(|e| e.trim().to_string())
-            };
-            if let (Some(p), Some(s), Some(m)) = (
-                found("publishers connect"),
-                found("subscribers connect"),
-                found("serving metrics"),
-            ) {
-                (broker.pub_endpoint, broker.sub_endpoint, broker.metrics_url) = (p, s, m);
-                return broker;
-            }
-            if let Some(status) = broker.child.try_wait().unwrap() {
-                panic!("zbroker exited with {status}: {:#?}", broker.log_lines());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "zbroker did not log its endpoints: {:#?}",
-                broker.log_lines()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn metrics(&self) -> Metrics {
-        let text = zbroker::metrics::fetch(&self.metrics_url).expect("scrape the broker");
-        Metrics::parse(&text)
-    }
-
-    /// Metrics that include everything the broker did before this call. The
-    /// broker publishes them on each tick (every `SUB_TIMEOUT / 4`), so a
-    /// scrape can be a tick old; one that differs from the first scrape was
-    /// published later. The honest subscriber's PINGs change the counters
-    /// several times per tick, so that never takes long (without them this
-    /// would wait in vain).
-    fn fresh_metrics(&self) -> Metrics {
-        let first = self.metrics();
-        self.wait_for("a fresh snapshot", |m| m.0 != first.0)
-    }
-
-    /// Polls the metrics until `done` holds. For state no handshake reveals
-    /// (expiry, cleanup, counters), this is the only way to observe it.
-    fn wait_for(&self, what: &str, done: impl Fn(&Metrics) -> bool) -> Metrics {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let metrics = self.metrics();
-            if done(&metrics) {
-                return metrics;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {metrics:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    /// The broker's resident set size and its peak, in bytes.
-    fn memory(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read the broker's /proc status");
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse::<u64>().ok())
-                .map(|kib| kib * 1024)
-                .unwrap_or_else(|| panic!("no {name} in the broker's status"))
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-
-    /// The broker's CPU time so far, user plus system, from `/proc` (which,
-    /// unlike a scrape, needs no descriptor in the broker).
-    fn cpu(&self) -> Duration {
-        let fields = self.stat();
-        // utime and stime are fields 14 and 15 of stat(5); `fields` starts
-        // at field 3.
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec() as f64)
-    }
-
-    /// Whether the broker process is still running: it is never reaped
-    /// before `drop`, so one that died stays a zombie (state `Z`).
-    fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .is_ok_and(|_| !matches!(self.stat()[0].as_str(), "Z" | "X"))
-    }
-
-    fn assert_alive(&self, what: &str) {
-        if !self.alive() {
-            let log = self.log_lines();
-            panic!(
-                "{what}: the broker died; its last log lines: {:#?}",
-                &log[log.len().saturating_sub(20)..]
-            );
-        }
-    }
-
-    /// `/proc/<pid>/stat` from field 3 (the state) on: the command name
-    /// before it may hold spaces.
-    fn stat(&self) -> Vec<String> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .expect("read the broker's /proc stat");
-        let rest = &stat[stat.rfind(')').expect("a stat line") + 1..];
-        rest.split_whitespace().map(str::to_string).collect()
-    }
-
-    /// Metrics, retrying while the exporter cannot take a connection (it
-    /// pauses accepting after `EMFILE`).
-    fn metrics_eventually(&self) -> Metrics {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match zbroker::metrics::fetch(&self.metrics_url) {
-                Ok(text) => return Metrics::parse(&text),
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "the metrics exporter never answered again: {e}"
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn sub_address(&self) -> SocketAddr {
-        tcp_address(&self.sub_endpoint)
-    }
-
-    fn pub_address(&self) -> SocketAddr {
-        tcp_address(&self.pub_endpoint)
-    }
+fn launch(overrides: &[(&str, &str)], file_limit: Option<u32>) -> ChildBroker {
+    let defaults = [
+        ("--pub-bind", "tcp://127.0.0.1:0".to_string()),
+        ("--sub-bind", "tcp://127.0.0.1:0".to_string()),
+        // Port 0: the broker logs the port it got.
+        ("--metrics-bind", "127.0.0.1:0".to_string()),
+        ("--sub-timeout", format!("{}ms", SUB_TIMEOUT.as_millis())),
+        ("--max-filters-per-subscriber", MAX_FILTERS.to_string()),
+        ("--max-message-size", MAX_MESSAGE_SIZE.to_string()),
+        ("--max-topic-len", MAX_LEN.to_string()),
+        ("--max-filter-len", MAX_LEN.to_string()),
+        ("--max-commands-per-sec", COMMANDS_PER_SEC.to_string()),
+        ("--queue-max-messages", QUEUE_MAX_MESSAGES.to_string()),
+        ("--queue-max-bytes", QUEUE_MAX_BYTES.to_string()),
+        ("--queue-max-total-bytes", QUEUE_MAX_TOTAL_BYTES.to_string()),
+        ("--linger", "100ms".to_string()),
+    ];
+    // max_queued_replies has no flag; the config file sets it.
+    let config = format!("[limits]\nmax_queued_replies = {MAX_QUEUED_REPLIES}\n");
+    ChildBroker::start_with(
+        &child::flags(&defaults, overrides),
+        Options {
+            config: Some(&config),
+            file_limit,
+            ..Options::default()
+        },
+    )
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tcp_address(endpoint: &str) -> SocketAddr {
-    endpoint
-        .strip_prefix("tcp://")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("not a tcp endpoint: {endpoint}"))
+/// The gauges as they are with only the honest pair connected.
+fn at_baseline(m: &Metrics) -> bool {
+    m.at_baseline(1, HONEST_FILTERS, 1)
 }
 
 // ---------------------------------------------------------- the honest pair
@@ -445,7 +154,7 @@ struct HonestSubscriber {
 }
 
 impl HonestSubscriber {
-    fn start(ctx: &zmq::Context, endpoint: &str, log: &Mutex<Vec<String>>) -> HonestSubscriber {
+    fn start(ctx: &zmq::Context, endpoint: &str, log: &Log) -> HonestSubscriber {
         let socket = ctx.socket(zmq::DEALER).unwrap();
         socket.set_linger(0).unwrap();
         // Unlimited: its input never stops, which also keeps it clear of
@@ -459,11 +168,10 @@ impl HonestSubscriber {
                 .send_multipart([&b"SUB"[..], kind, filter], 0)
                 .unwrap();
             let reply = socket.recv_multipart(0).unwrap_or_else(|e| {
-                let log = log.lock().unwrap();
                 panic!(
                     "no OK for an honest SUB to {endpoint} ({e}); the broker's last log \
                      lines: {:#?}",
-                    &log[log.len().saturating_sub(20)..]
+                    log.tail(20)
                 )
             });
             assert_eq!(reply, [&b"OK"[..], b"SUB", kind, filter]);
@@ -543,7 +251,7 @@ struct Honest {
     sub: HonestSubscriber,
     /// To show the broker's side when a check fails.
     metrics_url: String,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Log>,
     publisher: Option<zmq::Socket>,
     last_seq: u64,
     /// Messages the honest publisher has published, fences included.
@@ -551,15 +259,26 @@ struct Honest {
 }
 
 impl Honest {
-    fn start(ctx: &zmq::Context, broker: &Broker) -> Honest {
+    fn start(ctx: &zmq::Context, broker: &ChildBroker) -> Honest {
+        let log = broker.log();
         Honest {
-            sub: HonestSubscriber::start(ctx, &broker.sub_endpoint, &broker.log),
-            metrics_url: broker.metrics_url.clone(),
-            log: Arc::clone(&broker.log),
+            sub: HonestSubscriber::start(ctx, &broker.sub_endpoint, &log),
+            metrics_url: broker.metrics_url().to_string(),
+            log,
             publisher: Some(common::publisher(ctx, &broker.pub_endpoint)),
             last_seq: 0,
             published: 0,
         }
+    }
+
+    /// Connects the honest pair, warms it up, and waits for the broker's
+    /// gauges to settle at the honest baseline; returns the pair and the
+    /// broker's metrics then.
+    fn settle(ctx: &zmq::Context, broker: &ChildBroker) -> (Honest, Metrics) {
+        let mut honest = Honest::start(ctx, broker);
+        honest.round("warm-up");
+        let baseline = broker.wait_for("the honest baseline", at_baseline);
+        (honest, baseline)
     }
 
     /// Runs `scenario` while the honest publisher publishes from another
@@ -642,17 +361,14 @@ impl Honest {
                     got.len(),
                     sent.len()
                 ),
-                Err(e) => {
-                    let log = self.log.lock().unwrap().clone();
-                    panic!(
-                        "{name}: no fence ({e}); the honest subscriber got {} of {} messages; \
-                         the broker: {:#?}\nits last log lines: {:#?}",
-                        got.len(),
-                        sent.len(),
-                        zbroker::metrics::fetch(&self.metrics_url).map(|t| Metrics::parse(&t)),
-                        &log[log.len().saturating_sub(15)..]
-                    )
-                }
+                Err(e) => panic!(
+                    "{name}: no fence ({e}); the honest subscriber got {} of {} messages; \
+                     the broker: {:#?}\nits last log lines: {:#?}",
+                    got.len(),
+                    sent.len(),
+                    zbroker::metrics::fetch(&self.metrics_url).map(|t| Metrics::parse(&t)),
+                    self.log.tail(15)
+                ),
             }
         }
         assert_eq!(
@@ -799,7 +515,7 @@ fn pipeline(
 /// the broker until `done` holds: their state must be checked before
 /// `--sub-timeout` would make the broker forget them.
 fn keep_alive_until(
-    broker: &Broker,
+    broker: &ChildBroker,
     sockets: &[&zmq::Socket],
     what: &str,
     done: impl Fn(&Metrics) -> bool,
@@ -898,64 +614,6 @@ fn random_message(rng: &mut Rng, words: &[&[u8]]) -> Vec<Vec<u8>> {
     }
 }
 
-/// A ZMTP 3.0 greeting offering `mechanism`, as a client.
-fn zmtp_greeting(mechanism: &[u8]) -> Vec<u8> {
-    let mut greeting = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0x7f, 3, 0];
-    greeting.extend_from_slice(mechanism);
-    greeting.resize(12 + 20, 0); // the mechanism, zero-padded
-    greeting.push(0); // as-server
-    greeting.resize(64, 0); // filler
-    greeting
-}
-
-/// The NULL mechanism's READY command announcing `socket_type`.
-fn zmtp_ready(socket_type: &[u8]) -> Vec<u8> {
-    let mut body = vec![5];
-    body.extend_from_slice(b"READY");
-    body.push(11);
-    body.extend_from_slice(b"Socket-Type");
-    body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
-    body.extend_from_slice(socket_type);
-    let mut command = vec![0x04, body.len() as u8];
-    command.extend_from_slice(&body);
-    command
-}
-
-/// A raw TCP client speaking just enough ZMTP 3.0 (NULL mechanism) to be a
-/// DEALER: libzmq is not involved on this side, so it can stop reading for
-/// as long as it likes without tripping libzmq's own assertions.
-fn raw_zmtp_dealer(address: SocketAddr) -> TcpStream {
-    raw_zmtp(address, b"DEALER")
-}
-
-/// A raw ZMTP 3.0 client of `socket_type` (NULL mechanism), after the
-/// handshake.
-fn raw_zmtp(address: SocketAddr, socket_type: &[u8]) -> TcpStream {
-    let mut stream = TcpStream::connect(address).expect("connect a raw ZMTP client");
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut hello = zmtp_greeting(b"NULL");
-    hello.extend_from_slice(&zmtp_ready(socket_type));
-    stream.write_all(&hello).expect("send the ZMTP greeting");
-    // Messages must wait for the broker's READY: libzmq takes a message
-    // arriving before it has sent its own READY for a bad handshake command.
-    let mut greeting = [0u8; 64];
-    let mut header = [0u8; 2];
-    std::io::Read::read_exact(&mut stream, &mut greeting).expect("the broker's greeting");
-    std::io::Read::read_exact(&mut stream, &mut header).expect("the broker's READY");
-    let mut ready = vec![0u8; usize::from(header[1])];
-    std::io::Read::read_exact(&mut stream, &mut ready).expect("the broker's READY");
-    assert!(
-        header[0] == 0x04 && ready.starts_with(b"\x05READY"),
-        "not a READY command: {header:?} {ready:?}"
-    );
-    stream
-}
-
 /// Connects, sends `bytes` and waits for the broker to hang up.
 ///
 /// The broker hanging up first matters on this test machine's loopback: a
@@ -983,22 +641,12 @@ fn raw_rejected(address: SocketAddr, bytes: &[u8]) {
     panic!("the broker kept talking to a bad handshake");
 }
 
-/// `count` single-part `[PING]` messages in ZMTP 3.0 framing.
-fn zmtp_pings(count: usize) -> Vec<u8> {
-    let one = [0x00, 4, b'P', b'I', b'N', b'G'];
-    one.iter()
-        .copied()
-        .cycle()
-        .take(one.len() * count)
-        .collect()
-}
-
 // ---------------------------------------------------------------- scenarios
 
 /// 1. Random multipart messages to both endpoints. Every publish is either
 ///    published or counted malformed; every command is answered as the
 ///    protocol says; the broker holds exactly the filters it confirmed.
-fn random_multipart(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
+fn random_multipart(broker: &ChildBroker, ctx: &zmq::Context, honest: &mut Honest) {
     const PUSH_MESSAGES: usize = 3000;
     const COMMANDS: usize = 3000;
     let seed = seed();
@@ -1125,7 +773,7 @@ fn random_multipart(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
 
 /// 2. Parts larger than `--max-message-size` on both endpoints: libzmq drops
 ///    the peer, the broker goes on and takes the same client back.
-fn oversize_frames(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
+fn oversize_frames(broker: &ChildBroker, ctx: &zmq::Context, honest: &mut Honest) {
     let before = broker.fresh_metrics();
     let honest_before = honest.published;
     honest.during("oversize frames", || {
@@ -1203,10 +851,10 @@ fn oversize_frames(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
 ///    `MAX_FILTERS` are confirmed, every other is refused with
 ///    `[ERR, limit, …]` (filter limit, then rate limit), and the broker holds
 ///    no more than `MAX_FILTERS` of them.
-fn sub_burst(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
+fn sub_burst(broker: &ChildBroker, ctx: &zmq::Context, honest: &mut Honest) {
     const COMMANDS: usize = 100_000;
     let before = broker.fresh_metrics();
-    let (rss_before, _) = broker.memory();
+    let rss_before = broker.rss();
     honest.during("SUB burst", || {
         let dealer = hostile_dealer(ctx, &broker.sub_endpoint);
         let filter = |i: usize| format!("burst.{i}").into_bytes();
@@ -1275,8 +923,8 @@ fn sub_burst(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
             "SUB burst: {} OK, {refused} refused ({limit} by the filter limit, {rate} by the \
              rate limit), {dropped} replies dropped; broker RSS {:.1} MiB (peak {:.1} MiB)",
             ok.len(),
-            rss as f64 / MIB,
-            peak as f64 / MIB
+            mib(rss),
+            mib(peak)
         );
         // PINGs from keep_alive_until may be refused by the rate limit too.
         assert!(limit + rate >= (COMMANDS - MAX_FILTERS) as u64);
@@ -1292,7 +940,7 @@ fn sub_burst(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
 
 /// 4. SUB/UNSUB churn from several DEALERs at once: every command answered
 ///    consistently, and the broker holds exactly what the replies add up to.
-fn churn(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
+fn churn(broker: &ChildBroker, ctx: &zmq::Context, honest: &mut Honest) {
     const DEALERS: usize = 4;
     const CYCLES: usize = 1000;
     let mut rng = Rng::new(seed() ^ 0xc4u64);
@@ -1365,7 +1013,7 @@ fn churn(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
 /// 5. Clients that connect and never speak: a raw TCP connection and a
 ///    DEALER that sends nothing. They hold a connection each but no broker
 ///    state, and the broker's timers go on around them.
-fn silent_clients(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
+fn silent_clients(broker: &ChildBroker, ctx: &zmq::Context, honest: &mut Honest) {
     let before = broker.fresh_metrics();
     honest.during("silent clients", || {
         let raw = TcpStream::connect(broker.sub_address()).unwrap();
@@ -1404,7 +1052,7 @@ fn silent_clients(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
 
 /// 6. Thousands of connections opened and dropped, and DEALERs that
 ///    subscribe and vanish; they are cleaned up by expiry or EHOSTUNREACH.
-fn connection_storm(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
+fn connection_storm(broker: &ChildBroker, ctx: &zmq::Context, honest: &mut Honest) {
     /// Bad handshakes of each kind, on each endpoint.
     const REJECTED: usize = 750;
     /// Connections closed by the client straight away: few, see
@@ -1414,9 +1062,9 @@ fn connection_storm(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
     let before = broker.fresh_metrics();
     honest.during("connection storm", || {
         let started = Instant::now();
-        let wrong_mechanism = zmtp_greeting(b"CURVE");
-        let mut wrong_type = zmtp_greeting(b"NULL");
-        wrong_type.extend_from_slice(&zmtp_ready(b"PUB"));
+        let wrong_mechanism = zmtp::greeting(b"CURVE");
+        let mut wrong_type = zmtp::greeting(b"NULL");
+        wrong_type.extend_from_slice(&zmtp::ready(b"PUB"));
         for address in [broker.sub_address(), broker.pub_address()] {
             for _ in 0..REJECTED {
                 raw_rejected(address, &wrong_mechanism);
@@ -1530,7 +1178,7 @@ fn connection_storm(broker: &Broker, ctx: &zmq::Context, honest: &mut Honest) {
 /// 7. A subscriber that sends commands but never reads its replies: the
 ///    command rate limit and `max_queued_replies` bound what the broker
 ///    holds for it, and the overflow is counted.
-fn never_reads(broker: &Broker, _ctx: &zmq::Context, honest: &mut Honest) {
+fn never_reads(broker: &ChildBroker, _ctx: &zmq::Context, honest: &mut Honest) {
     const BATCH: usize = 5000;
     const MAX_COMMANDS: usize = 2_000_000;
     // A subscriber may have a full re-subscribe's worth of replies queued
@@ -1540,8 +1188,8 @@ fn never_reads(broker: &Broker, _ctx: &zmq::Context, honest: &mut Honest) {
     let bound = ((MAX_FILTERS + MAX_QUEUED_REPLIES) * (32 + 128)) as u64;
     let before = broker.fresh_metrics();
     honest.during("never reads", || {
-        let mut stream = raw_zmtp_dealer(broker.sub_address());
-        let batch = zmtp_pings(BATCH);
+        let mut stream = zmtp::dealer(broker.sub_address());
+        let batch = zmtp::pings(BATCH);
         let (mut sent, mut peak) = (0, 0);
         let deadline = Instant::now() + DEADLINE;
         loop {
@@ -1577,7 +1225,7 @@ fn never_reads(broker: &Broker, _ctx: &zmq::Context, honest: &mut Honest) {
     });
 }
 
-type Scenario = fn(&Broker, &zmq::Context, &mut Honest);
+type Scenario = fn(&ChildBroker, &zmq::Context, &mut Honest);
 
 #[test]
 fn hostile_clients_cannot_hurt_honest_ones() {
@@ -1593,31 +1241,26 @@ fn hostile_clients_cannot_hurt_honest_ones() {
     let selected: Option<Vec<usize>> = std::env::var("ZBROKER_HOSTILE_SCENARIOS")
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect());
-    let broker = Broker::start();
+    let broker = start_broker(&[]);
     let ctx = zmq::Context::new();
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    broker.wait_for("the honest baseline", Metrics::at_baseline);
-    let (rss_baseline, _) = broker.memory();
-    eprintln!("baseline: broker RSS {:.1} MiB", rss_baseline as f64 / MIB);
+    let (mut honest, _) = Honest::settle(&ctx, &broker);
+    let rss_baseline = broker.rss();
+    eprintln!("baseline: broker RSS {:.1} MiB", mib(rss_baseline));
     for (i, (name, scenario)) in scenarios.iter().enumerate() {
         if selected.as_ref().is_some_and(|s| !s.contains(&(i + 1))) {
             continue;
         }
         let started = Instant::now();
         scenario(&broker, &ctx, &mut honest);
-        let after = broker.wait_for(
-            &format!("the honest baseline after {name}"),
-            Metrics::at_baseline,
-        );
+        let after = broker.wait_for(&format!("the honest baseline after {name}"), at_baseline);
         honest.round(&format!("after {name}"));
         let (rss, peak) = broker.memory();
         eprintln!(
             "{name}: done in {:.1} s; broker RSS {:.1} MiB (peak {:.1} MiB); \
              {} queue-full drops, {} handshake failures so far",
             started.elapsed().as_secs_f64(),
-            rss as f64 / MIB,
-            peak as f64 / MIB,
+            mib(rss),
+            mib(peak),
             after.get(DROPPED_QUEUE_FULL),
             after.get(HANDSHAKE_FAILURES)
         );
@@ -1626,10 +1269,10 @@ fn hostile_clients_cannot_hurt_honest_ones() {
     eprintln!(
         "memory: broker RSS {:.1} MiB at baseline, {:.1} MiB after every scenario, \
          peak {:.1} MiB; bound {:.1} MiB",
-        rss_baseline as f64 / MIB,
-        rss as f64 / MIB,
-        peak as f64 / MIB,
-        (rss_baseline + RSS_SLACK) as f64 / MIB
+        mib(rss_baseline),
+        mib(rss),
+        mib(peak),
+        mib(rss_baseline + RSS_SLACK)
     );
     assert!(
         rss <= rss_baseline + RSS_SLACK,
@@ -1645,11 +1288,11 @@ fn hostile_clients_cannot_hurt_honest_ones() {
 #[test]
 fn bad_handshakes_do_not_flood_the_log() {
     const BAD: usize = 1000;
-    let broker = Broker::start();
+    let broker = start_broker(&[]);
     // Nothing has happened yet, so even a stale snapshot is exact.
     let before = broker.metrics();
     let lines_before = broker.log_lines().len();
-    let greeting = zmtp_greeting(b"CURVE");
+    let greeting = zmtp::greeting(b"CURVE");
     for _ in 0..BAD {
         raw_rejected(broker.sub_address(), &greeting);
     }
@@ -1737,23 +1380,6 @@ fn an_honest_client_can_resubscribe_its_whole_filter_set() {
 }
 
 // ------------------------------------------- one attack, one broker, one test
-
-/// Clock ticks per second, the unit of the times in `/proc/<pid>/stat`:
-/// `getconf CLK_TCK` (this crate has no libc binding among its
-/// dependencies to call `sysconf(_SC_CLK_TCK)` itself), else 100, which is
-/// what Linux uses on every common architecture.
-fn clock_ticks_per_sec() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|out| String::from_utf8(out.stdout).ok())
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(100)
-    })
-}
 
 /// Keeps hostile subscribers known to the broker from a thread of its own
 /// (a PING each per `PING_EVERY`, replies read and discarded) while the test
@@ -1903,21 +1529,6 @@ fn refused_or_answered(dealer: &zmq::Socket, events: &zmq::Socket, what: &str) -
     }
 }
 
-/// `bind`s for both endpoints over `transport`, ipc ones under `dir`.
-fn binds(transport: common::Transport, dir: &std::path::Path) -> (String, String) {
-    match transport {
-        common::Transport::Tcp => ("tcp://127.0.0.1:0".into(), "tcp://127.0.0.1:0".into()),
-        common::Transport::Ipc => (
-            format!("ipc://{}/pub", dir.display()),
-            format!("ipc://{}/sub", dir.display()),
-        ),
-    }
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / MIB
-}
-
 /// The exact attack on libzmq's ROUTER: a DEALER that chooses a routing id
 /// the ROUTER will generate for a peer without one.
 ///
@@ -1945,11 +1556,11 @@ fn routing_id_collision_cannot_abort_the_broker() {
     const FIRST_GENERATED: [u8; 5] = [0x00, 0x6B, 0x8B, 0x45, 0x67];
     for transport in common::TRANSPORTS {
         let dir = tempfile::tempdir().unwrap();
-        let (pub_bind, sub_bind) = binds(transport, dir.path());
-        let broker = Broker::start_with(&[("--pub-bind", &pub_bind), ("--sub-bind", &sub_bind)]);
+        let (pub_bind, sub_bind) = common::binds(transport, dir.path());
+        let broker = start_broker(&[("--pub-bind", &pub_bind), ("--sub-bind", &sub_bind)]);
         // Nothing has happened yet, so even a stale snapshot is exact.
         let before = broker.metrics();
-        let (rss_before, _) = broker.memory();
+        let rss_before = broker.rss();
         let ctx = zmq::Context::new();
         let colliding = |ids: std::ops::Range<u8>| -> Vec<(zmq::Socket, zmq::Socket)> {
             ids.map(|i| {
@@ -1983,16 +1594,9 @@ fn routing_id_collision_cannot_abort_the_broker() {
         let reply = call(&probe, &[b"NOPE"]);
         assert!(err_code(&reply).is_some(), "{reply:?}");
         let first_id: String = FIRST_GENERATED.iter().map(|b| format!("{b:02x}")).collect();
-        let needle = format!("refused a command from {first_id}:");
-        let deadline = Instant::now() + DEADLINE;
-        while !broker.log_lines().iter().any(|l| l.contains(&needle)) {
-            assert!(
-                Instant::now() < deadline,
-                "{transport:?}: the first generated id is not {first_id}: {:#?}",
-                broker.log_lines()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // No such line (the test fails, naming it) if the first generated
+        // id is another.
+        broker.wait_for_log_from(0, &format!("refused a command from {first_id}:"));
         let mut honest = Honest::start(&ctx, &broker);
         broker.assert_alive(&format!("{transport:?}: the honest subscriber connected"));
         honest.round("after colliding ids");
@@ -2058,7 +1662,7 @@ fn routing_id_collision_cannot_abort_the_broker() {
             m.since(&before, HANDSHAKE_FAILURES) >= refusals
         });
         broker.assert_alive(&format!("{transport:?}: at the end"));
-        let (rss, _) = broker.memory();
+        let rss = broker.rss();
         assert!(
             rss < rss_before + RSS_SLACK,
             "{transport:?}: broker memory grew from {rss_before} to {rss} bytes"
@@ -2126,12 +1730,10 @@ fn deep_patterns_cost_memory_in_proportion() {
     assert_eq!(patterns[0].len(), 975);
 
     // (a) and (b): the segment cap, and memory in proportion.
-    let broker = Broker::start_with(&overrides);
+    let broker = start_broker(&overrides);
     let ctx = zmq::Context::new();
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    let baseline = broker.wait_for("the honest baseline", Metrics::at_baseline);
-    let (rss_before, _) = broker.memory();
+    let (mut honest, baseline) = Honest::settle(&ctx, &broker);
+    let rss_before = broker.rss();
     let dealer = honest.during("deep patterns", || {
         let dealer = hostile_dealer(&ctx, &broker.sub_endpoint);
         let deep = segments(b"a", 512);
@@ -2179,7 +1781,7 @@ fn deep_patterns_cost_memory_in_proportion() {
     drop(dealer);
     // Forgotten after --sub-timeout: the index gives all of it back.
     broker.wait_for("the deep patterns freed", |m| {
-        m.at_baseline() && m.get(INDEX_HEAP_BYTES) == baseline.get(INDEX_HEAP_BYTES)
+        at_baseline(m) && m.get(INDEX_HEAP_BYTES) == baseline.get(INDEX_HEAP_BYTES)
     });
     honest.round("after the deep patterns were freed");
     broker.assert_alive("deep patterns");
@@ -2189,11 +1791,9 @@ fn deep_patterns_cost_memory_in_proportion() {
     // (c) The index's byte limit: confirmed until passed, then refused.
     let mut limited = overrides.to_vec();
     limited.push(("--max-index-bytes", index_limit.as_str()));
-    let broker = Broker::start_with(&limited);
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    let baseline = broker.wait_for("the honest baseline", Metrics::at_baseline);
-    let (rss_before, _) = broker.memory();
+    let broker = start_broker(&limited);
+    let (mut honest, baseline) = Honest::settle(&ctx, &broker);
+    let rss_before = broker.rss();
     honest.during("index byte limit", || {
         let dealer = hostile_dealer(&ctx, &broker.sub_endpoint);
         let (mut confirmed, mut refused) = (0u64, 0u64);
@@ -2224,7 +1824,7 @@ fn deep_patterns_cost_memory_in_proportion() {
             },
         );
         let index = held.get(INDEX_HEAP_BYTES);
-        let (rss, _) = broker.memory();
+        let rss = broker.rss();
         eprintln!(
             "index byte limit: {confirmed} patterns confirmed, {refused} refused (+1 from \
              another subscriber); index {index} bytes (limit {INDEX_LIMIT}); broker RSS \
@@ -2249,7 +1849,7 @@ fn deep_patterns_cost_memory_in_proportion() {
 /// route them all: one publisher's messages are routed in order, so the
 /// fence arriving proves the chunk before it was routed.
 fn cpu_to_route(
-    broker: &Broker,
+    broker: &ChildBroker,
     push: &zmq::Socket,
     fence_sub: &zmq::Socket,
     topics: &[Vec<u8>],
@@ -2301,15 +1901,13 @@ fn patterns_that_never_match_cost_bounded_cpu() {
     /// leaves a margin of 20x or more for a debug build on a busy machine.
     const CPU_PER_PUBLISH: Duration = Duration::from_millis(1);
     let per_connection = (PATTERNS / CONNECTIONS).to_string();
-    let broker = Broker::start_with(&[
+    let broker = start_broker(&[
         ("--max-filters-per-subscriber", &per_connection),
         // Room for a 500-segment pattern, so that the segment cap refuses it.
         ("--max-filter-len", "1024"),
     ]);
     let ctx = zmq::Context::new();
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    let baseline = broker.wait_for("the honest baseline", Metrics::at_baseline);
+    let (mut honest, baseline) = Honest::settle(&ctx, &broker);
     let patterns: Vec<Vec<u8>> = (0..PATTERNS)
         .map(|i| {
             let mut segments: Vec<&[u8]> = (0..15)
@@ -2320,7 +1918,7 @@ fn patterns_that_never_match_cost_bounded_cpu() {
         })
         .collect();
     let topic = segments(b"a", 16);
-    let (rss_before, _) = broker.memory();
+    let rss_before = broker.rss();
     honest.during("patterns that never match", || {
         let dealers: Vec<zmq::Socket> = (0..CONNECTIONS)
             .map(|_| hostile_dealer(&ctx, &broker.sub_endpoint))
@@ -2376,7 +1974,7 @@ fn patterns_that_never_match_cost_bounded_cpu() {
         let varied_cpu = cpu_to_route(&broker, &push, &fence_sub, &varied, b"x", 10, b"cpu.fence");
         let after = broker.fresh_metrics();
         let (_, deliveries) = keep_alive.stop();
-        let (rss, _) = broker.memory();
+        let rss = broker.rss();
         eprintln!(
             "patterns that never match: {PATTERNS} patterns on {CONNECTIONS} connections; \
              {PUBLISHES} publishes of {} cost {:.3} s of broker CPU, {:.1} µs each (bound \
@@ -2387,7 +1985,7 @@ fn patterns_that_never_match_cost_bounded_cpu() {
             per_publish.as_secs_f64() * 1e6,
             varied.len(),
             (varied_cpu / varied.len() as u32).as_secs_f64() * 1e6,
-            clock_ticks_per_sec(),
+            procfs::clock_ticks_per_sec(),
             mib(rss.saturating_sub(rss_before))
         );
         assert!(rss < rss_before + RSS_SLACK, "{rss_before} -> {rss}");
@@ -2408,7 +2006,7 @@ fn patterns_that_never_match_cost_bounded_cpu() {
     });
     honest.round("after patterns that never match");
     broker.wait_for("the hostile patterns freed", |m| {
-        m.at_baseline() && m.get(INDEX_HEAP_BYTES) == baseline.get(INDEX_HEAP_BYTES)
+        at_baseline(m) && m.get(INDEX_HEAP_BYTES) == baseline.get(INDEX_HEAP_BYTES)
     });
     broker.assert_alive("patterns that never match");
 }
@@ -2416,31 +2014,21 @@ fn patterns_that_never_match_cost_bounded_cpu() {
 /// Runs `zbroker run ARGS` and expects it to refuse to start, naming each
 /// of `mentions` on stderr.
 fn refuses_to_start(args: &[&str], mentions: &[&str]) {
-    let mut child = common::Reaped(
-        Command::new(BIN)
-            .arg("run")
-            .args([
-                "--pub-bind",
-                "tcp://127.0.0.1:0",
-                "--sub-bind",
-                "tcp://127.0.0.1:0",
-                "--metrics-bind",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("ZBROKER_PUB_BIND")
-            .env_remove("ZBROKER_SUB_BIND")
-            .env_remove("ZBROKER_METRICS_BIND")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start zbroker"),
+    let mut command = child::zbroker(&[
+        "run",
+        "--pub-bind",
+        "tcp://127.0.0.1:0",
+        "--sub-bind",
+        "tcp://127.0.0.1:0",
+        "--metrics-bind",
+        "127.0.0.1:0",
+    ]);
+    let out = common::run_to_exit(command.args(args), Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "zbroker run {args:?} started: {stderr}"
     );
-    let status = common::wait_exit(&mut child.0, Duration::from_secs(10));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success(), "zbroker run {args:?} started: {stderr}");
     for mention in mentions {
         assert!(
             stderr.contains(mention),
@@ -2471,7 +2059,7 @@ fn deep_pattern_removal_and_length_bounds() {
 
     // (b) At the bounds.
     const SEGMENTS: usize = 1024;
-    let broker = Broker::start_with(&[
+    let broker = start_broker(&[
         ("--max-filter-len", "65536"),
         ("--max-topic-len", "65536"),
         ("--max-pattern-segments", &SEGMENTS.to_string()),
@@ -2479,10 +2067,8 @@ fn deep_pattern_removal_and_length_bounds() {
         ("--max-message-size", "131072"),
     ]);
     let ctx = zmq::Context::new();
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    let baseline = broker.wait_for("the honest baseline", Metrics::at_baseline);
-    let (rss_before, _) = broker.memory();
+    let (mut honest, baseline) = Honest::settle(&ctx, &broker);
+    let rss_before = broker.rss();
     honest.during("deep pattern removal", || {
         let dealer = hostile_dealer(&ctx, &broker.sub_endpoint);
         let literal = segments(b"a", SEGMENTS);
@@ -2554,7 +2140,7 @@ fn deep_pattern_removal_and_length_bounds() {
         assert!(rss < rss_before + RSS_SLACK, "{rss_before} -> {rss}");
     });
     honest.round("after deep pattern removal");
-    broker.wait_for("the honest baseline again", Metrics::at_baseline);
+    broker.wait_for("the honest baseline again", at_baseline);
     broker.assert_alive("deep pattern removal");
 }
 
@@ -2618,16 +2204,14 @@ fn endless_multipart_messages_are_bounded() {
     const PARTS: usize = 100_000;
     /// Generous for a handful of dropped connections.
     const RSS_BOUND: u64 = 16 << 20;
-    let broker = Broker::start();
+    let broker = start_broker(&[]);
     let ctx = zmq::Context::new();
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    broker.wait_for("the honest baseline", Metrics::at_baseline);
+    let (mut honest, _) = Honest::settle(&ctx, &broker);
     let before = broker.fresh_metrics();
-    let (rss_before, _) = broker.memory();
+    let rss_before = broker.rss();
     honest.during("endless multipart", || {
         // An endless publish.
-        let mut push = raw_zmtp(broker.pub_address(), b"PUSH");
+        let mut push = zmtp::connect(broker.pub_address(), b"PUSH");
         let sent = endless_message(&mut push, PARTS);
         drop(push);
         let m = broker.wait_for("the endless publisher dropped", |m| {
@@ -2637,7 +2221,7 @@ fn endless_multipart_messages_are_bounded() {
         assert_eq!(m.since(&before, MULTIPART_PUB), 1);
 
         // An endless command.
-        let mut dealer = raw_zmtp_dealer(broker.sub_address());
+        let mut dealer = zmtp::dealer(broker.sub_address());
         let sent = endless_message(&mut dealer, PARTS);
         drop(dealer);
         let m = broker.wait_for("the endless subscriber dropped", |m| {
@@ -2675,7 +2259,7 @@ fn endless_multipart_messages_are_bounded() {
         assert_eq!(m.since(&before, OVERSIZE_PUB), 1);
     });
     honest.round("after endless multipart");
-    let after = broker.wait_for("the honest baseline again", Metrics::at_baseline);
+    let after = broker.wait_for("the honest baseline again", at_baseline);
     let (rss, peak) = broker.memory();
     eprintln!(
         "endless multipart: multipart drops {} publisher, {} subscriber; oversize drops {} \
@@ -2700,52 +2284,6 @@ fn endless_multipart_messages_are_bounded() {
     broker.assert_alive("endless multipart");
 }
 
-/// `frames` as one message in ZMTP 3.0 framing.
-fn zmtp_message(frames: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, frame) in frames.iter().enumerate() {
-        let more = u8::from(i + 1 < frames.len());
-        match u8::try_from(frame.len()) {
-            Ok(len) => out.extend_from_slice(&[more, len]),
-            Err(_) => {
-                out.push(more | 0x02);
-                out.extend_from_slice(&(frame.len() as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(frame);
-    }
-    out
-}
-
-/// Reads one message in ZMTP 3.0 framing, skipping commands (heartbeats).
-fn read_zmtp_message(stream: &mut TcpStream) -> Vec<Vec<u8>> {
-    use std::io::Read;
-    let mut frames = Vec::new();
-    for _ in 0..1000 {
-        let mut flags = [0u8; 1];
-        stream.read_exact(&mut flags).expect("a ZMTP frame");
-        let len = if flags[0] & 0x02 != 0 {
-            let mut len = [0u8; 8];
-            stream.read_exact(&mut len).expect("a ZMTP frame");
-            u64::from_be_bytes(len) as usize
-        } else {
-            let mut len = [0u8; 1];
-            stream.read_exact(&mut len).expect("a ZMTP frame");
-            usize::from(len[0])
-        };
-        let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).expect("a ZMTP frame");
-        if flags[0] & 0x04 != 0 {
-            continue;
-        }
-        frames.push(body);
-        if flags[0] & 0x01 == 0 {
-            return frames;
-        }
-    }
-    panic!("no whole message among 1000 frames");
-}
-
 /// Large messages to a subscriber that stopped reading stay within the
 /// bytes configured for libzmq's pipe and the broker's queue; the rest are
 /// dropped and counted. Before the fix libzmq's pipe, bounded in messages
@@ -2759,26 +2297,24 @@ fn large_messages_to_a_stalled_subscriber_stay_within_bytes() {
     /// libzmq takes a message, once begun, whole: the pipe may pass its
     /// bound by one message, plus the topic and header bytes.
     const PIPE_BOUND: u64 = SUB_HWM_BYTES + SIZE as u64 + (64 << 10);
-    let broker = Broker::start_with(&[
+    let broker = start_broker(&[
         ("--max-message-size", "2097152"),
         ("--sub-hwm-bytes", &SUB_HWM_BYTES.to_string()),
         ("--queue-max-bytes", &QUEUE_BYTES.to_string()),
         ("--queue-max-total-bytes", "16777216"),
     ]);
     let ctx = zmq::Context::new();
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    let baseline = broker.wait_for("the honest baseline", Metrics::at_baseline);
+    let (mut honest, baseline) = Honest::settle(&ctx, &broker);
     assert_eq!(baseline.get(LIBZMQ_QUEUED_BYTES), 0);
-    let (rss_before, _) = broker.memory();
+    let rss_before = broker.rss();
     // The stalled subscriber: subscribes, reads the OK, and never reads
     // again; it keeps PINGing (writing only), so that the broker keeps it.
-    let mut stalled = raw_zmtp_dealer(broker.sub_address());
+    let mut stalled = zmtp::dealer(broker.sub_address());
     stalled
-        .write_all(&zmtp_message(&[b"SUB", b"prefix", b"big."]))
+        .write_all(&zmtp::message(&[b"SUB", b"prefix", b"big."]))
         .unwrap();
     assert_eq!(
-        read_zmtp_message(&mut stalled),
+        zmtp::read_message(&mut stalled),
         [&b"OK"[..], b"SUB", b"prefix", b"big."]
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -2789,7 +2325,7 @@ fn large_messages_to_a_stalled_subscriber_stay_within_bytes() {
             let limit = Instant::now() + Duration::from_secs(600);
             while !stopped.load(Ordering::Acquire) && Instant::now() < limit {
                 stream
-                    .write_all(&zmtp_pings(1))
+                    .write_all(&zmtp::pings(1))
                     .expect("the stalled subscriber's PING");
                 // Pacing only.
                 std::thread::sleep(PING_EVERY);
@@ -2865,7 +2401,7 @@ fn large_messages_to_a_stalled_subscriber_stay_within_bytes() {
     drop(stalled);
     drop(fence_sub);
     broker.wait_for("the stalled subscriber freed", |m| {
-        m.at_baseline() && m.get(LIBZMQ_QUEUED_BYTES) == 0
+        at_baseline(m) && m.get(LIBZMQ_QUEUED_BYTES) == 0
     });
     honest.round("after the stalled subscriber");
     broker.assert_alive("stalled subscriber");
@@ -2890,7 +2426,7 @@ fn closed_by_peer(mut stream: &TcpStream) -> bool {
 }
 
 /// A brand-new subscriber connects, subscribes and is answered.
-fn newcomer_works(ctx: &zmq::Context, broker: &Broker, what: &str) {
+fn newcomer_works(ctx: &zmq::Context, broker: &ChildBroker, what: &str) {
     let dealer = hostile_dealer(ctx, &broker.sub_endpoint);
     assert_ok(
         &call(&dealer, &[b"SUB", b"exact", b"newcomer"]),
@@ -2910,13 +2446,11 @@ fn descriptor_exhaustion_does_not_spin_or_starve() {
     // (a) The connection cap.
     const CAP: usize = 64;
     const HELD: usize = 200;
-    let broker = Broker::start_with(&[("--max-connections", &CAP.to_string())]);
+    let broker = start_broker(&[("--max-connections", &CAP.to_string())]);
     let ctx = zmq::Context::new();
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    broker.wait_for("the honest baseline", Metrics::at_baseline);
+    let (mut honest, _) = Honest::settle(&ctx, &broker);
     let before = broker.fresh_metrics();
-    let (rss_before, _) = broker.memory();
+    let rss_before = broker.rss();
     let mut streams = honest.during("connection cap", || {
         let streams: Vec<TcpStream> = (0..HELD)
             .map(|_| TcpStream::connect(broker.sub_address()).expect("connect"))
@@ -2946,10 +2480,10 @@ fn descriptor_exhaustion_does_not_spin_or_starve() {
     });
     honest.round("at the connection cap");
     streams.clear();
-    broker.wait_for("the held connections gone", Metrics::at_baseline);
+    broker.wait_for("the held connections gone", at_baseline);
     newcomer_works(&ctx, &broker, "after the connection cap");
     honest.round("after the connection cap");
-    let (rss, _) = broker.memory();
+    let rss = broker.rss();
     assert!(rss < rss_before + RSS_SLACK, "{rss_before} -> {rss}");
     broker.assert_alive("connection cap");
     drop(honest);
@@ -2962,11 +2496,9 @@ fn descriptor_exhaustion_does_not_spin_or_starve() {
     /// Upstream spins one core: 2 s of CPU in 2 s. A quarter of that is
     /// generous for honest traffic, pings and 10 accept retries a second.
     const CPU_BOUND: Duration = Duration::from_millis(500);
-    let broker = Broker::start_with_file_limit(FILES, &[]);
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    let before = broker.wait_for("the honest baseline", Metrics::at_baseline);
-    let (rss_before, _) = broker.memory();
+    let broker = start_broker_with_file_limit(FILES, &[]);
+    let (mut honest, before) = Honest::settle(&ctx, &broker);
+    let rss_before = broker.rss();
     let address = broker.sub_address();
     let log_before = broker.log_lines().len();
     let streams = honest.during("out of descriptors", || {
@@ -2975,33 +2507,22 @@ fn descriptor_exhaustion_does_not_spin_or_starve() {
         let streams: Vec<mio::net::TcpStream> = (0..CONNECTIONS)
             .map(|_| mio::net::TcpStream::connect(address).expect("start a connect"))
             .collect();
-        // The broker says so in its log, which needs no descriptor.
-        let deadline = Instant::now() + DEADLINE;
-        while !broker.log_lines()[log_before..]
-            .iter()
-            .any(|l| l.contains("cannot accept"))
-        {
-            broker.assert_alive("out of descriptors");
-            assert!(
-                Instant::now() < deadline,
-                "the broker never ran out of descriptors: {:#?}",
-                &broker.log_lines()[log_before..]
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // The broker says so in its log, which needs no descriptor (and
+        // fails the test if the broker dies first).
+        let logged = broker.wait_for_log_from(log_before, "cannot accept");
         // A measurement window, not a wait for anything.
         let cpu_before = broker.cpu();
         std::thread::sleep(WINDOW);
         let cpu = broker.cpu() - cpu_before;
         eprintln!(
-            "out of descriptors: {CONNECTIONS} connections against ulimit -n {FILES}; broker \
-             CPU {:.2} s over {:.0} s (bound {:.2} s); log: {:?}",
+            "out of descriptors: {CONNECTIONS} connections against ulimit -n {FILES}, {} \
+             descriptors open in the broker; broker CPU {:.2} s over {:.0} s (bound {:.2} s); \
+             log: {:?}",
+            broker.proc().descriptors(),
             cpu.as_secs_f64(),
             WINDOW.as_secs_f64(),
             CPU_BOUND.as_secs_f64(),
-            broker.log_lines()[log_before..]
-                .iter()
-                .find(|l| l.contains("cannot accept"))
+            logged.last()
         );
         assert!(
             cpu < CPU_BOUND,
@@ -3014,7 +2535,7 @@ fn descriptor_exhaustion_does_not_spin_or_starve() {
     drop(streams);
     // The exporter took the same EMFILE; it must answer again.
     broker.metrics_eventually();
-    let after = broker.wait_for("the connections gone", Metrics::at_baseline);
+    let after = broker.wait_for("the connections gone", at_baseline);
     eprintln!(
         "out of descriptors: {} failed accepts counted on the subscriber endpoint",
         after.since(&before, ACCEPT_FAILURES_SUB)
@@ -3022,7 +2543,7 @@ fn descriptor_exhaustion_does_not_spin_or_starve() {
     assert!(after.since(&before, ACCEPT_FAILURES_SUB) > 0);
     honest.round("after running out of descriptors");
     newcomer_works(&ctx, &broker, "after running out of descriptors");
-    let (rss, _) = broker.memory();
+    let rss = broker.rss();
     assert!(rss < rss_before + RSS_SLACK, "{rss_before} -> {rss}");
     broker.assert_alive("after running out of descriptors");
 }
@@ -3037,13 +2558,11 @@ fn garbage_from_a_stranger_is_rate_limited() {
     const GARBAGE: usize = 20_000;
     /// Replies in flight when the count is read, and timing.
     const SLACK: f64 = 100.0;
-    let broker = Broker::start_with(&[("--max-commands-per-sec", &COMMANDS_PER_SEC.to_string())]);
+    let broker = start_broker(&[("--max-commands-per-sec", &COMMANDS_PER_SEC.to_string())]);
     let ctx = zmq::Context::new();
-    let mut honest = Honest::start(&ctx, &broker);
-    honest.round("warm-up");
-    broker.wait_for("the honest baseline", Metrics::at_baseline);
+    let (mut honest, _) = Honest::settle(&ctx, &broker);
     let before = broker.fresh_metrics();
-    let (rss_before, _) = broker.memory();
+    let rss_before = broker.rss();
     honest.during("garbage from a stranger", || {
         let stranger = hostile_dealer(&ctx, &broker.sub_endpoint);
         let mut replies = 0u64;
@@ -3095,7 +2614,7 @@ fn garbage_from_a_stranger_is_rate_limited() {
             drain(&mut replies);
         }
         let bound = COMMANDS_PER_SEC as f64 * (1.0 + elapsed) + SLACK;
-        let (rss, _) = broker.memory();
+        let rss = broker.rss();
         eprintln!(
             "garbage from a stranger: {GARBAGE} malformed commands in {elapsed:.2} s; {replies} \
              answered (bound {bound:.0}), {rate_refused} dropped by the rate limit; broker RSS \
@@ -3111,6 +2630,6 @@ fn garbage_from_a_stranger_is_rate_limited() {
         assert!(rss < rss_before + RSS_SLACK, "{rss_before} -> {rss}");
     });
     honest.round("after garbage from a stranger");
-    broker.wait_for("the honest baseline again", Metrics::at_baseline);
+    broker.wait_for("the honest baseline again", at_baseline);
     broker.assert_alive("garbage from a stranger");
 }

@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::child::{Ran, run_within};
 use common::{TestBroker, Transport};
 
 const PYTHON: &str = "python3";
@@ -20,54 +19,8 @@ fn script_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/pyzmq_client.py")
 }
 
-/// Reads a child's pipe to the end on its own thread, so a chatty child can
-/// never block on a full pipe while we poll it.
-fn collect(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
-struct Output {
-    /// None when the child ran over the limit and was killed.
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Waits for the child with `try_wait`, killing it if it runs over `limit`.
-fn wait_bounded(mut child: Child, limit: Duration) -> Output {
-    let stdout = collect(child.stdout.take().expect("piped stdout"));
-    let stderr = collect(child.stderr.take().expect("piped stderr"));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait().expect("poll the child process") {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
-}
-
-fn run_python(args: &[&str], limit: Duration) -> std::io::Result<Output> {
-    let child = Command::new(PYTHON)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    Ok(wait_bounded(child, limit))
+fn run_python(args: &[&str], limit: Duration) -> std::io::Result<Ran> {
+    run_within(Command::new(PYTHON).args(args).stdin(Stdio::null()), limit)
 }
 
 /// Fails the test (never skips) if python3 or pyzmq is missing.

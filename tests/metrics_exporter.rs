@@ -6,11 +6,14 @@
 //! lower `RLIMIT_NOFILE` run in a child process (this binary, re-run with
 //! `--exact <test>`), so neither other tests nor the harness skew them.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::procfs::{OpenStat, Proc};
 use zbroker::metrics::{Exporter, ExporterLimits, Snapshot};
 
 /// Set in a child process to the name of the test it is to run.
@@ -30,33 +33,18 @@ fn in_child(name: &str) -> bool {
     if std::env::var(CHILD).as_deref() == Ok(name) {
         return true;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("child.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD, name)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{name} child timed out:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let text = std::fs::read_to_string(&log).unwrap();
+    let ran = common::child::run_within(
+        Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, name)
+            .stdin(Stdio::null()),
+        Duration::from_secs(90),
+    )
+    .unwrap();
+    let text = format!("{}{}", ran.stdout, ran.stderr);
+    let status = ran
+        .status
+        .unwrap_or_else(|| panic!("{name} child timed out:\n{text}"));
     assert!(status.success(), "{name} child failed ({status}):\n{text}");
     assert!(!text.contains("panicked"), "{name} child panicked:\n{text}");
     assert!(
@@ -74,12 +62,14 @@ fn start(limits: ExporterLimits) -> (Exporter, SocketAddr) {
 }
 
 /// Waits (bounded) until `condition` holds.
-fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait_for(what: &str, timeout: Duration, condition: impl FnMut() -> bool) {
+    common::wait_until(
+        timeout,
+        Duration::from_millis(5),
+        what,
+        condition,
+        |&done| done,
+    );
 }
 
 fn connect(address: SocketAddr) -> TcpStream {
@@ -111,36 +101,6 @@ fn exchange(address: SocketAddr, raw: &[u8]) -> String {
     let mut stream = connect(address);
     stream.write_all(raw).unwrap();
     read_all(&mut stream)
-}
-
-/// A field of /proc/self/status, in its own unit (kB for VmRSS).
-fn proc_status(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    line[field.len()..]
-        .split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-/// utime + stime of this process, in clock ticks (1/100 s on Linux), read
-/// from `/proc/self/stat` opened beforehand (re-read from offset 0 each
-/// time), so it works with no descriptor free.
-fn cpu_ticks(stat: &std::fs::File) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let mut buffer = [0u8; 1024];
-    let n = stat.read_at(&mut buffer, 0).unwrap();
-    let stat = std::str::from_utf8(&buffer[..n]).unwrap();
-    // Fields after the parenthesised command name, which may hold spaces.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, so 12 and 13
-    // here (state is field 3).
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 #[test]
@@ -209,7 +169,7 @@ fn idle_connections_past_the_cap_cost_no_threads_and_expire() {
     let cap = limits.max_connections;
     let over = 50;
     let (exporter, address) = start(limits);
-    let threads_before = proc_status("Threads:");
+    let threads_before = Proc::this().threads();
 
     // Connect and say nothing. The first `cap` are held until the request
     // timeout; the rest are refused (503, closed) as they are accepted.
@@ -222,7 +182,7 @@ fn idle_connections_past_the_cap_cost_no_threads_and_expire() {
             s.connections == cap as u64 && s.refused_at_cap == over as u64
         },
     );
-    let threads_during = proc_status("Threads:");
+    let threads_during = Proc::this().threads();
     assert!(
         threads_during <= threads_before + 1,
         "{} idle connections: threads {threads_before} -> {threads_during}",
@@ -294,7 +254,7 @@ fn an_oversized_request_head_is_refused_without_buffering_it() {
     for _ in 0..3 {
         assert!(zbroker::metrics::fetch(exporter.address()).is_ok());
     }
-    let rss_before = proc_status("VmRSS:");
+    let rss_before = Proc::this().rss();
 
     // Just past the cap: every byte is read, so the 431 arrives intact.
     let mut stream = connect(address);
@@ -344,10 +304,10 @@ fn an_oversized_request_head_is_refused_without_buffering_it() {
     wait_for("three 431s", Duration::from_secs(5), || {
         exporter.stats().headers_too_large == 3
     });
-    let rss_after = proc_status("VmRSS:");
+    let rss_after = Proc::this().rss();
     assert!(
-        rss_after < rss_before + 2 * 1024,
-        "RSS {rss_before} kB -> {rss_after} kB after a {sent}-byte header"
+        rss_after < rss_before + (2 << 20),
+        "RSS {rss_before} -> {rss_after} bytes after a {sent}-byte header"
     );
     // And it still serves.
     assert!(
@@ -356,7 +316,7 @@ fn an_oversized_request_head_is_refused_without_buffering_it() {
             .contains(PUBLISHED)
     );
     println!(
-        "RSS {rss_before} kB -> {rss_after} kB; {sent} header bytes sent before the close, answered: {big_answer}"
+        "RSS {rss_before} -> {rss_after} bytes; {sent} header bytes sent before the close, answered: {big_answer}"
     );
 }
 
@@ -375,7 +335,8 @@ fn exhausted_descriptors_pause_accepting_then_it_recovers() {
         exporter.stats().connections == 1
     });
 
-    let stat = std::fs::File::open("/proc/self/stat").unwrap();
+    // Opened now: there will be no descriptor free to open it later.
+    let stat = OpenStat::open(&Proc::this());
     let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
     rlimit::setrlimit(rlimit::Resource::NOFILE, 64, hard).unwrap();
     let mut filler = Vec::new();
@@ -401,7 +362,7 @@ fn exhausted_descriptors_pause_accepting_then_it_recovers() {
     // and the exporter retries accept at its backoff, not in a spin.
     let window = Duration::from_secs(1);
     let began = Instant::now();
-    let ticks_before = cpu_ticks(&stat);
+    let ticks_before = stat.cpu_ticks();
     let errors_before = exporter.stats().accept_errors;
     early
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -411,7 +372,7 @@ fn exhausted_descriptors_pause_accepting_then_it_recovers() {
     assert!(answer.contains(PUBLISHED), "{answer}");
     std::thread::sleep(window.saturating_sub(began.elapsed()));
     let elapsed = began.elapsed();
-    let ticks = cpu_ticks(&stat) - ticks_before;
+    let ticks = stat.cpu_ticks() - ticks_before;
     let retries = exporter.stats().accept_errors - errors_before;
     assert!(
         ticks < 30,

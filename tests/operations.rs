@@ -3,23 +3,26 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::Output;
+use std::time::{Duration, Instant};
 
-use common::{BIN, ChildBroker};
+use common::metrics::{
+    DELIVERED, MALFORMED_PUBLISHES, PUB_CONNECTIONS, SUBSCRIBERS, SUBSCRIPTIONS,
+};
+use common::{ChildBroker, DEADLINE, Metrics, run_to_exit, zbroker};
 
-fn check_config(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut command = Command::new(BIN);
-    command.args(["run", "--check-config"]).args(args);
+/// `zbroker ARGS` run to completion (bounded).
+fn zbroker_run(args: &[&str]) -> Output {
+    run_to_exit(&mut zbroker(args), DEADLINE)
+}
+
+fn check_config(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = zbroker(&["run", "--check-config"]);
+    command.args(args);
     for (k, v) in env {
         command.env(k, v);
     }
-    command
-        .env_remove("ZBROKER_PUB_BIND")
-        .env_remove("ZBROKER_SUB_BIND");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.output().unwrap()
+    run_to_exit(&mut command, DEADLINE)
 }
 
 #[test]
@@ -87,14 +90,13 @@ fn bad_configurations_say_what_to_fix() {
 fn metrics_endpoint_and_stats_command() {
     let dir = tempfile::tempdir().unwrap();
     let (pub_ep, sub_ep) = common::endpoints(common::Transport::Ipc, &dir);
-    let metrics = format!("127.0.0.1:{}", common::free_port());
-    let _broker = ChildBroker::start(&[
+    let broker = ChildBroker::start(&[
         "--pub-bind",
         &pub_ep,
         "--sub-bind",
         &sub_ep,
         "--metrics-bind",
-        &metrics,
+        "127.0.0.1:0",
         "--sub-timeout",
         "1s",
     ]);
@@ -108,40 +110,32 @@ fn metrics_endpoint_and_stats_command() {
     assert_eq!(sub.recv_message().0, 1);
     assert_eq!(sub.recv_message().0, 2);
     // Stats refresh on the broker's timer (every sub_timeout/4 here).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     let text = loop {
-        let out = Command::new(BIN)
-            .args(["stats", &metrics])
-            .output()
-            .unwrap();
+        let out = zbroker_run(&["stats", broker.metrics_address()]);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8(out.stdout).unwrap();
-        if common::metric(&text, "zbroker_messages_delivered_total") == 2 {
+        if Metrics::parse(&text).get(DELIVERED) == 2 {
             break text;
         }
-        assert!(std::time::Instant::now() < deadline, "{text}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(
-        common::metric(&text, "zbroker_malformed_total{endpoint=\"publisher\"}"),
-        1
-    );
-    assert_eq!(common::metric(&text, "zbroker_subscribers"), 1);
-    assert_eq!(common::metric(&text, "zbroker_subscriptions"), 1);
-    assert_eq!(common::metric(&text, "zbroker_publisher_connections"), 1);
+    let m = Metrics::parse(&text);
+    assert_eq!(m.get(MALFORMED_PUBLISHES), 1);
+    assert_eq!(m.get(SUBSCRIBERS), 1);
+    assert_eq!(m.get(SUBSCRIPTIONS), 1);
+    assert_eq!(m.get(PUB_CONNECTIONS), 1);
     assert!(
         text.contains("# TYPE zbroker_messages_dropped counter"),
         "{text}"
     );
 
-    let out = Command::new(BIN)
-        .args(["stats", "127.0.0.1:1"])
-        .output()
-        .unwrap();
+    let out = zbroker_run(&["stats", "127.0.0.1:1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--metrics-bind"));
 }

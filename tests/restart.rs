@@ -9,6 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::ChildBroker;
+use common::metrics::PUBLISHED;
 use zbroker::client::{
     ClientError, Event, Publisher, PublisherOptions, ResyncReason, Subscriber, SubscriberOptions,
 };
@@ -80,7 +81,6 @@ fn sigkill_and_restart_resubscribes_and_delivers_within_two_seconds() {
 fn sigterm_flushes_queued_messages_logs_counters_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let (pub_ep, sub_ep) = common::endpoints(common::Transport::Ipc, &dir);
-    let metrics = format!("127.0.0.1:{}", common::free_port());
     let mut broker = ChildBroker::start(&[
         "--pub-bind",
         &pub_ep,
@@ -93,7 +93,7 @@ fn sigterm_flushes_queued_messages_logs_counters_and_exits_zero() {
         "--linger",
         "10s",
         "--metrics-bind",
-        &metrics,
+        "127.0.0.1:0",
     ]);
     let ctx = zmq::Context::new();
     let sub = common::RawSubscriber::connect(&ctx, &sub_ep);
@@ -107,32 +107,18 @@ fn sigterm_flushes_queued_messages_logs_counters_and_exits_zero() {
     common::publish(&publisher, b"fence", b""); // nobody holds it: unmatched
     // Not reading yet: most of the 500 wait in the broker's queue. Stop it
     // only once it has taken all 501 from the publisher.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while common::metric(
-        &zbroker::metrics::fetch(&metrics).unwrap(),
-        "zbroker_messages_published_total",
-    ) < N + 1
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the broker never took every message"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let pid = broker.pid().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    broker.wait_for("the broker to take every message", |m| {
+        m.get(PUBLISHED) > N // the N jobs and the fence
+    });
+    broker.sigterm();
     // While the broker lingers, read everything it had queued.
     for seq in 1..=N {
         if sub.socket.poll(zmq::POLLIN, 5000).unwrap() == 0 {
-            let log: Vec<String> = broker.log.try_iter().collect();
             let alive = broker.child.try_wait().unwrap();
-            panic!("stalled before seq {seq}; broker exit {alive:?}; log: {log:#?}");
+            panic!(
+                "stalled before seq {seq}; broker exit {alive:?}; log: {:#?}",
+                broker.log_since_startup()
+            );
         }
         let (got, _, payload) = sub.recv_message();
         assert_eq!(got, seq);
@@ -173,29 +159,19 @@ fn a_publisher_whose_broker_is_down_queues_then_times_out_and_loses_nothing() {
     assert!(accepted >= 10, "at least the HWM is queued, got {accepted}");
 
     // Every message `publish` accepted reaches the broker once it is up.
-    let metrics = format!("127.0.0.1:{}", common::free_port());
-    let _broker = ChildBroker::start(&[
+    let broker = ChildBroker::start(&[
         "--pub-bind",
         &pub_ep,
         "--sub-bind",
         &sub_ep,
         "--metrics-bind",
-        &metrics,
+        "127.0.0.1:0",
         "--sub-timeout",
         "1s",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = zbroker::metrics::fetch(&metrics).unwrap();
-        let published = common::metric(&text, "zbroker_messages_published_total");
-        if published == accepted {
-            break;
-        }
-        assert!(published < accepted, "more arrived than were accepted");
-        assert!(
-            Instant::now() < deadline,
-            "{published} of {accepted} arrived"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    broker.wait_for("every accepted message to arrive", |m| {
+        let published = m.get(PUBLISHED);
+        assert!(published <= accepted, "more arrived than were accepted");
+        published == accepted
+    });
 }

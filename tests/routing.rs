@@ -120,10 +120,7 @@ fn reference_model(transport: Transport, seed: u64) {
 }
 
 fn seeds() -> Vec<u64> {
-    match std::env::var("ZBROKER_TEST_SEED") {
-        Ok(seed) => vec![seed.parse().expect("ZBROKER_TEST_SEED is a number")],
-        Err(_) => vec![0x5eed, 42, 7_777_777],
-    }
+    common::test_seed().map_or(vec![0x5eed, 42, 7_777_777], |seed| vec![seed])
 }
 
 #[test]

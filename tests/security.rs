@@ -14,10 +14,11 @@ mod common;
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
-use common::{BIN, TestBroker, Transport};
+use common::metrics::AUTH_DENIED;
+use common::{DEADLINE, Reaped, TestBroker, Transport};
 use zbroker::client::{
     ClientError, CurveKeys, Event, Message, Publisher, PublisherOptions, Subscriber,
     SubscriberOptions,
@@ -27,8 +28,6 @@ use zbroker::filter::Filter;
 use zbroker::metrics::Snapshot;
 use zbroker::protocol::ErrorCode;
 
-/// Bounds waits on the broker; only reached when something is wrong.
-const DEADLINE: Duration = Duration::from_secs(30);
 /// How long a client that cannot get in waits for a confirmation: its
 /// failure is the expected outcome, so this only sets the test's pace.
 const REFUSED_CONFIRM: Duration = Duration::from_millis(500);
@@ -381,42 +380,7 @@ fn plaintext_and_wrong_broker_key_clients_get_nothing_through() {
 /// still running after `DEADLINE`: a broker that wrongly starts must not
 /// hang the test.
 fn run_to_exit(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("ZBROKER_PUB_BIND")
-        .env_remove("ZBROKER_SUB_BIND")
-        .env_remove("ZBROKER_METRICS_BIND")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start zbroker");
-    let reader = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let stdout = reader(Box::new(child.stdout.take().unwrap()));
-    let stderr = reader(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("zbroker {args:?} did not exit within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+    common::run_to_exit(&mut common::zbroker(args), DEADLINE)
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -595,16 +559,6 @@ fn check_config_names_the_bad_key_file_and_line() {
     );
 }
 
-/// Kills a child process on drop so a failing test leaves nothing behind.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn curve_from_the_command_line() {
     let keys = Keys::new();
@@ -620,29 +574,15 @@ fn curve_from_the_command_line() {
     let own = |name: &str| keys.secret(name).to_str().unwrap().to_string();
     let subscriber_key = own("subscriber");
     let mut sub = Reaped(
-        Command::new(BIN)
-            .args(["sub", "--server-key", server_key, "--key", &subscriber_key])
+        common::zbroker(&["sub", "--server-key", server_key, "--key", &subscriber_key])
             .args([&sub_endpoint, "prefix:net.", "--count", "1"])
-            .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
     // Its "subscribed" line is the broker's confirmation.
-    let mut sub_log = std::io::BufReader::new(sub.0.stderr.take().unwrap());
-    let mut seen = String::new();
-    for _ in 0..100 {
-        let mut line = String::new();
-        if std::io::BufRead::read_line(&mut sub_log, &mut line).unwrap() == 0 {
-            break;
-        }
-        seen.push_str(&line);
-        if line.contains("subscribed") {
-            break;
-        }
-    }
-    assert!(seen.contains("subscribed"), "zbroker sub: {seen}");
+    common::wait_for_line(&common::stderr_lines(&mut sub.0), "subscribed");
 
     let publisher_key = own("publisher");
     let out = run_to_exit(&[
@@ -656,11 +596,8 @@ fn curve_from_the_command_line() {
         "over CURVE",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let deadline = Instant::now() + DEADLINE;
-    while sub.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "zbroker sub got nothing");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // It exits once it got its one message.
+    common::wait_exit(&mut sub.0, DEADLINE);
     let mut printed = String::new();
     sub.0
         .stdout
@@ -696,8 +633,6 @@ fn curve_from_the_command_line() {
 fn refused_keys_do_not_flood_the_log() {
     const CLIENTS: usize = 200;
     let keys = Keys::new();
-    let port = common::free_port();
-    let metrics = format!("127.0.0.1:{port}");
     let pub_endpoint = format!("ipc://{}", keys.path("pub").display());
     let sub_endpoint = format!("ipc://{}", keys.path("sub").display());
     let mut args = vec![
@@ -706,7 +641,7 @@ fn refused_keys_do_not_flood_the_log() {
         "--sub-bind",
         &sub_endpoint,
         "--metrics-bind",
-        &metrics,
+        "127.0.0.1:0",
     ];
     let curve = keys.cli_args();
     args.extend(curve.iter().map(String::as_str));
@@ -732,17 +667,11 @@ fn refused_keys_do_not_flood_the_log() {
             socket
         })
         .collect();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let text = zbroker::metrics::fetch(&metrics).expect("scrape the broker");
-        if common::metric(&text, "zbroker_auth_denied_total") >= CLIENTS as u64 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "refusals not counted:\n{text}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    broker.wait_for("every refusal counted", |m| {
+        m.get(AUTH_DENIED) >= CLIENTS as u64
+    });
     drop(sockets);
-    let lines: Vec<String> = broker.log.try_iter().collect();
+    let lines = broker.log_since_startup();
     eprintln!(
         "{} log lines for {CLIENTS} refused clients, e.g. {:?}",
         lines.len(),

@@ -17,7 +17,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestBroker, Transport};
+use common::procfs::Proc;
+use common::{TestBroker, Transport, mib};
 use zbroker::config::Config;
 
 const SUBSCRIBERS: usize = 100;
@@ -27,22 +28,6 @@ const DELIVERIES: u64 = (SUBSCRIBERS * MESSAGES) as u64;
 /// Well under the 2.5 GiB of per-subscriber copies, well over the ~25 MiB of
 /// shared payloads plus what the clients in this process hold.
 const MAX_GROWTH: u64 = 200 << 20;
-const MIB: f64 = (1 << 20) as f64;
-
-/// This process's resident set size, in bytes.
-fn vm_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("a VmRSS line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmRSS in kB");
-    kib * 1024
-}
 
 #[test]
 fn fan_out_shares_payloads_instead_of_copying_them() {
@@ -82,7 +67,7 @@ fn fan_out_shares_payloads_instead_of_copying_them() {
     let publisher = common::publisher(&ctx, &broker.pub_endpoint);
     let mut payload = vec![0x5a; PAYLOAD_LEN];
 
-    let baseline = vm_rss();
+    let baseline = Proc::this().rss();
     for i in 0..MESSAGES {
         payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
         common::publish(&publisher, b"neutron.port.shared", &payload);
@@ -95,7 +80,7 @@ fn fan_out_shares_payloads_instead_of_copying_them() {
                 && s.counters.delivered + s.queued_messages == DELIVERIES
         },
     );
-    let rss = vm_rss();
+    let rss = Proc::this().rss();
     let growth = rss.saturating_sub(baseline);
     let counters = &snapshot.counters;
 
@@ -108,17 +93,17 @@ fn fan_out_shares_payloads_instead_of_copying_them() {
         counters.routed,
         counters.delivered,
         snapshot.queued_messages,
-        snapshot.queued_bytes as f64 / MIB,
+        mib(snapshot.queued_bytes),
     );
     println!(
         "VmRSS {:.1} MiB -> {:.1} MiB: grew {:.1} MiB; copied per subscriber would be {:.0} MiB, \
          shared {:.1} MiB; limit {:.0} MiB",
-        baseline as f64 / MIB,
-        rss as f64 / MIB,
-        growth as f64 / MIB,
-        copied as f64 / MIB,
-        shared as f64 / MIB,
-        MAX_GROWTH as f64 / MIB,
+        mib(baseline),
+        mib(rss),
+        mib(growth),
+        mib(copied),
+        mib(shared),
+        mib(MAX_GROWTH),
     );
 
     // Not vacuous: nothing was dropped, and the broker itself holds most
@@ -137,7 +122,7 @@ fn fan_out_shares_payloads_instead_of_copying_them() {
     assert!(
         growth < MAX_GROWTH,
         "resident memory grew {:.1} MiB with {} deliveries of {} KiB queued: payloads are copied",
-        growth as f64 / MIB,
+        mib(growth),
         snapshot.queued_messages,
         PAYLOAD_LEN >> 10
     );

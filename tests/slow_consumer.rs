@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::metrics::{DROPPED_QUEUE_FULL, ROUTED};
 use common::{ChildBroker, RawSubscriber};
 
 const BURST: u64 = 200_000;
@@ -24,7 +25,6 @@ const FIXED_OVERHEAD: u64 = 32 << 20;
 fn one_slow_subscriber_does_not_hurt_the_other_nineteen() {
     let dir = tempfile::tempdir().unwrap();
     let (pub_endpoint, sub_endpoint) = common::endpoints(common::Transport::Ipc, &dir);
-    let metrics = format!("127.0.0.1:{}", common::free_port());
     let total = QUEUE_TOTAL_BYTES.to_string();
     let broker = ChildBroker::start(&[
         "--pub-bind",
@@ -32,7 +32,7 @@ fn one_slow_subscriber_does_not_hurt_the_other_nineteen() {
         "--sub-bind",
         &sub_endpoint,
         "--metrics-bind",
-        &metrics,
+        "127.0.0.1:0",
         "--sub-hwm",
         "500",
         "--queue-max-messages",
@@ -65,7 +65,7 @@ fn one_slow_subscriber_does_not_hurt_the_other_nineteen() {
             })
         })
         .collect();
-    let baseline_kb = broker.status_kb("VmRSS");
+    let baseline = broker.rss();
 
     // Publish in rounds, each once every fast reader has caught up: the fast
     // ones never need more queue than a round, the slow one overflows.
@@ -82,12 +82,12 @@ fn one_slow_subscriber_does_not_hurt_the_other_nineteen() {
             }
         }
     }
-    let peak_kb = broker.status_kb("VmHWM");
-    let growth = (peak_kb.saturating_sub(baseline_kb)) * 1024;
+    let (_, peak) = broker.memory();
+    let growth = peak.saturating_sub(baseline);
     println!(
         "broker RSS baseline {} MiB, peak {} MiB, growth {} MiB; bound {} MiB",
-        baseline_kb / 1024,
-        peak_kb / 1024,
+        baseline >> 20,
+        peak >> 20,
         growth >> 20,
         (QUEUE_TOTAL_BYTES + FIXED_OVERHEAD) >> 20
     );
@@ -117,19 +117,8 @@ fn one_slow_subscriber_does_not_hurt_the_other_nineteen() {
     // anything. Its stats refresh on a timer, so wait until it has seen
     // every routed message.
     let routed_all = (BURST + 1) * (FAST as u64 + 1);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let text = loop {
-        let text = zbroker::metrics::fetch(&metrics).unwrap();
-        if common::metric(&text, "zbroker_messages_routed_total") == routed_all {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "stats never caught up:\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let dropped = common::metric(
-        &text,
-        "zbroker_messages_dropped_total{reason=\"queue_full\"}",
-    );
+    let m = broker.wait_for("the stats to catch up", |m| m.get(ROUTED) == routed_all);
+    let dropped = m.get(DROPPED_QUEUE_FULL);
     println!("slow subscriber: kept {last}, gap {gap}, broker dropped {dropped}");
     assert!(gap > 0, "the slow subscriber must have overflowed");
     assert_eq!(dropped, gap);

@@ -1,13 +1,78 @@
-//! Shared test harness: an in-process broker on real tcp/ipc sockets and a
-//! raw protocol-level subscriber.
+//! Shared test harness, one copy of each piece. Each integration test
+//! compiles this module on its own and uses some of it, hence
+//! `allow(dead_code)`.
+//!
+//! - here: the in-process broker (`TestBroker`) on real tcp/ipc sockets, a
+//!   raw protocol-level subscriber and publisher, endpoints and free ports,
+//!   seeds and a deterministic `Rng`, bounded waits;
+//! - [`child`]: the `zbroker` binary as a child process (`ChildBroker`), and
+//!   commands run to completion within a time limit;
+//! - [`metrics`]: the Prometheus text parser (`Metrics`) and series names;
+//! - [`procfs`]: a process's memory, CPU time, threads and descriptors;
+//! - [`zmtp`]: raw ZMTP 3.0 over TCP, for clients libzmq will not be.
 #![allow(dead_code)]
 
+pub mod child;
+pub mod metrics;
+pub mod procfs;
+pub mod zmtp;
+
+use std::fmt::Debug;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use zbroker::config::Config;
 use zbroker::metrics::Snapshot;
 use zbroker::server::{Server, StatsHandle, Stopper};
+
+#[allow(unused_imports)]
+pub use child::{
+    BIN, ChildBroker, Reaped, run_to_exit, stderr_lines, wait_exit, wait_for_line, zbroker,
+};
+#[allow(unused_imports)]
+pub use metrics::{Metrics, metric};
+
+/// Bounds every wait on a broker or a child process; only reached when
+/// something is wrong.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub const MIB: f64 = (1 << 20) as f64;
+
+/// `bytes` in MiB, for reports.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB
+}
+
+/// Samples `sample` every `every` until `done` holds for a sample, which it
+/// returns; fails the test, showing the last sample, after `limit`. For
+/// state with no handshake to wait on (expiry, counters), polling is the
+/// only way to observe it.
+pub fn wait_until<T: Debug>(
+    limit: Duration,
+    every: Duration,
+    what: &str,
+    mut sample: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        let value = sample();
+        if done(&value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {value:#?}"
+        );
+        std::thread::sleep(every);
+    }
+}
+
+/// `ZBROKER_TEST_SEED`, which makes the random tests use another seed.
+pub fn test_seed() -> Option<u64> {
+    let seed = std::env::var("ZBROKER_TEST_SEED").ok()?;
+    Some(seed.parse().expect("ZBROKER_TEST_SEED is a number"))
+}
 
 /// The two transports every network test runs over.
 #[derive(Clone, Copy, Debug)]
@@ -85,18 +150,13 @@ impl TestBroker {
         what: &str,
         done: impl Fn(&Snapshot) -> bool,
     ) -> Snapshot {
-        let deadline = Instant::now() + limit;
-        loop {
-            let snapshot = self.stats.snapshot();
-            if done(&snapshot) {
-                return snapshot;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {snapshot:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            limit,
+            Duration::from_millis(20),
+            what,
+            || self.stats.snapshot(),
+            done,
+        )
     }
 }
 
@@ -210,151 +270,6 @@ impl Rng {
     }
 }
 
-/// The `zbroker` binary built for these tests.
-pub const BIN: &str = env!("CARGO_BIN_EXE_zbroker");
-
-/// Kills the child on drop, so a failing test leaves no process behind.
-pub struct Reaped(pub std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Streams a child's stderr (which must be piped) into a channel of lines.
-pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits (30 s at most) for a line containing `needle`; returns every line
-/// seen up to and including it.
-pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
-    let mut seen = Vec::new();
-    loop {
-        match lines.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => {
-                let found = line.contains(needle);
-                seen.push(line);
-                if found {
-                    return seen;
-                }
-            }
-            Err(_) => panic!("no line containing {needle:?}; got {seen:#?}"),
-        }
-    }
-}
-
-/// Waits up to `limit` for a child to exit.
-pub fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A broker running as a child process: killed on drop, so a failing test
-/// leaves nothing behind. Its stderr is streamed into `log`.
-pub struct ChildBroker {
-    pub child: std::process::Child,
-    pub log: std::sync::mpsc::Receiver<String>,
-    /// What it logged up to binding both endpoints.
-    pub startup_log: Vec<String>,
-}
-
-impl ChildBroker {
-    /// Runs `zbroker run ARGS` and waits until it has bound both endpoints.
-    pub fn start(args: &[&str]) -> ChildBroker {
-        ChildBroker::start_with_env(args, &[])
-    }
-
-    /// Like `start`, with extra environment variables.
-    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> ChildBroker {
-        let mut command = std::process::Command::new(BIN);
-        command
-            .arg("run")
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("start zbroker");
-        let log = stderr_lines(&mut child);
-        let startup_log = wait_for_line(&log, "subscribers connect");
-        ChildBroker {
-            child,
-            log,
-            startup_log,
-        }
-    }
-
-    /// Waits for a log line containing `needle`; returns the lines seen.
-    pub fn wait_for_log(&self, needle: &str) -> Vec<String> {
-        wait_for_line(&self.log, needle)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// A `/proc/PID/status` field in kB, e.g. `VmRSS` or `VmHWM`.
-    pub fn status_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc status"))
-    }
-
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.pid().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        self.wait(Duration::from_secs(30))
-    }
-
-    /// Waits up to `limit` for the process to exit.
-    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        wait_exit(&mut self.child, limit)
-    }
-}
-
-impl Drop for ChildBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A publisher and a subscriber endpoint: loopback tcp on free ports, or ipc
 /// paths in `dir`.
 pub fn endpoints(transport: Transport, dir: &tempfile::TempDir) -> (String, String) {
@@ -370,6 +285,18 @@ pub fn endpoints(transport: Transport, dir: &tempfile::TempDir) -> (String, Stri
     }
 }
 
+/// What a broker binds for `transport`: loopback tcp on ports the system
+/// picks (the broker reports them), or ipc paths in `dir`.
+pub fn binds(transport: Transport, dir: &std::path::Path) -> (String, String) {
+    match transport {
+        Transport::Tcp => ("tcp://127.0.0.1:0".into(), "tcp://127.0.0.1:0".into()),
+        Transport::Ipc => (
+            format!("ipc://{}/pub", dir.display()),
+            format!("ipc://{}/sub", dir.display()),
+        ),
+    }
+}
+
 /// A free loopback TCP port (the OS picks it; it is free when we return).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -377,13 +304,4 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Reads one sample from Prometheus text, e.g.
-/// `zbroker_messages_dropped_total{reason="queue_full"}`.
-pub fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
