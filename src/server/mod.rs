@@ -21,6 +21,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::auth::{self, Acl, ServerKeys, ZapHandler};
 use crate::broker::{Broker, SendOutcome, Transport};
 use crate::config::Config;
+use crate::ffi::{get_i64_option, set_i64_option, set_int_option};
 use crate::frame::Frame;
 use crate::metrics::{Connections, Exporter, Refusals, Snapshot};
 use crate::subscribers::RoutingId;
@@ -498,58 +499,6 @@ fn set_common_options(
     Ok(())
 }
 
-/// Sets an `int` socket option the `zmq` crate has no setter for.
-fn set_int_option(socket: &mut zmq::Socket, option: c_int, value: c_int) -> zmq::Result<()> {
-    set_option(socket, option, value)
-}
-
-/// Sets an `int64_t` socket option the `zmq` crate has no setter for.
-fn set_i64_option(socket: &mut zmq::Socket, option: c_int, value: i64) -> zmq::Result<()> {
-    set_option(socket, option, value)
-}
-
-/// `zmq_setsockopt` with a plain integer value of the option's own width.
-fn set_option<T: Copy>(socket: &mut zmq::Socket, option: c_int, value: T) -> zmq::Result<()> {
-    // SAFETY: the socket handle is live for as long as `socket` is, and
-    // libzmq reads exactly
-    // `size_of::<T>()` bytes from `value`, which outlives the call.
-    let rc = unsafe {
-        zmq_sys::zmq_setsockopt(
-            socket.as_mut_ptr(),
-            option,
-            (&value as *const T).cast(),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(crate::frame::last_error())
-    }
-}
-
-/// Reads an integer socket option the `zmq` crate has no getter for, at
-/// the option's own width (`c_int` or `i64`).
-fn get_option<T: Copy + Default>(socket: &mut zmq::Socket, option: c_int) -> zmq::Result<T> {
-    let mut value = T::default();
-    let mut len = std::mem::size_of::<T>();
-    // SAFETY: as in `set_option`; libzmq writes at most `len` bytes into
-    // `value` and the written length into `len`.
-    let rc = unsafe {
-        zmq_sys::zmq_getsockopt(
-            socket.as_mut_ptr(),
-            option,
-            (&mut value as *mut T).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(crate::frame::last_error())
-    }
-}
-
 fn bind(socket: &zmq::Socket, role: &'static str, endpoint: &str) -> Result<String, ServerError> {
     socket.bind(endpoint).map_err(|source| ServerError::Bind {
         role,
@@ -776,9 +725,8 @@ impl Server {
                     .tick(now, &mut RouterTransport::new(&mut self.router));
                 self.watch_connections();
                 // Summed over every subscriber pipe: once a tick, not per send.
-                self.libzmq_queued_bytes =
-                    get_option::<i64>(&mut self.router, ZMQ_ZBROKER_OUT_BYTES)
-                        .map_or(0, |bytes| bytes.max(0) as u64);
+                self.libzmq_queued_bytes = get_i64_option(&mut self.router, ZMQ_ZBROKER_OUT_BYTES)
+                    .map_or(0, |bytes| bytes.max(0) as u64);
                 self.stats.publish(self.snapshot());
             }
             if self.stopper.requested.load(Ordering::Acquire) {
@@ -1028,9 +976,10 @@ fn receive_rest(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ffi::get_int_option;
 
     fn int_option(socket: &mut zmq::Socket, option: c_int) -> c_int {
-        get_option(socket, option).unwrap_or_else(|e| panic!("zmq_getsockopt({option}): {e}"))
+        get_int_option(socket, option).unwrap_or_else(|e| panic!("zmq_getsockopt({option}): {e}"))
     }
 
     #[test]
