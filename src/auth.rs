@@ -91,29 +91,11 @@ impl fmt::Debug for ServerKeys {
     }
 }
 
-// zmq-sys 0.12 does not bind zmq_curve_public (libzmq >= 4.2.1); it is in
-// the libzmq this crate links.
-unsafe extern "C" {
-    fn zmq_curve_public(
-        z85_public_key: *mut std::os::raw::c_char,
-        z85_secret_key: *const std::os::raw::c_char,
-    ) -> std::os::raw::c_int;
-}
-
 /// Derives the Z85 public key of a Z85 secret key.
 pub fn public_key_of(secret: &str) -> Result<String, AuthError> {
-    let secret_c = std::ffi::CString::new(secret)
+    let secret = std::ffi::CString::new(secret)
         .map_err(|_| AuthError::Zmq("read a secret key", zmq::Error::EINVAL))?;
-    let mut public = [0u8; 41];
-    // SAFETY: zmq_curve_public writes 40 Z85 characters and a NUL into a
-    // 41-byte buffer and reads a NUL-terminated 40-character secret.
-    let rc = unsafe { zmq_curve_public(public.as_mut_ptr() as *mut _, secret_c.as_ptr()) };
-    if rc != 0 {
-        // SAFETY: reads the calling thread's errno.
-        let e = zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() });
-        return Err(AuthError::Zmq("derive the public key", e));
-    }
-    Ok(String::from_utf8_lossy(&public[..40]).into_owned())
+    crate::ffi::curve_public(&secret).map_err(|e| AuthError::Zmq("derive the public key", e))
 }
 
 /// The first line of a key file that is a Z85 key (other lines are
@@ -314,5 +296,21 @@ mod tests {
         let pub_path = dir.path().join("broker.key.pub");
         assert_eq!(read_public_key(&pub_path).unwrap(), public);
         assert!(keygen(&path).is_err(), "never overwrites a key");
+    }
+
+    #[test]
+    fn secret_keys_that_are_not_40_characters_are_refused() {
+        // Valid Z85 all the same: libzmq alone would decode the 45 into 36
+        // bytes of a 32-byte buffer.
+        for len in [35, 45] {
+            let secret = "0".repeat(len);
+            assert!(
+                matches!(
+                    public_key_of(&secret),
+                    Err(AuthError::Zmq(_, zmq::Error::EINVAL))
+                ),
+                "{len} characters"
+            );
+        }
     }
 }

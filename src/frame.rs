@@ -8,154 +8,77 @@
 //! longer than 33 bytes by reference count, and parts of up to 33 bytes live
 //! inline in the 64-byte message object, so neither case allocates.
 
-use std::os::raw::c_int;
+use crate::ffi::Msg;
 
-/// One ZeroMQ message part, owned; dropped with `zmq_msg_close`.
-pub struct Frame {
-    msg: zmq_sys::zmq_msg_t,
-}
-
-// SAFETY: a zmq_msg_t is plain data owned by this value; shared content is
-// reference counted atomically by libzmq, so moving a Frame to another thread
-// is sound (libzmq documents messages, unlike sockets, as movable).
-unsafe impl Send for Frame {}
-
-pub(crate) fn last_error() -> zmq::Error {
-    // SAFETY: zmq_errno only reads the calling thread's errno.
-    zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() })
-}
+/// One ZeroMQ message part, owned; closed when dropped.
+///
+/// The libzmq message itself, and every call on it, is `ffi::Msg`; this
+/// type adds what the broker means by a part (delivery headers, the
+/// authenticated sender, sharing with the core) in safe code.
+pub struct Frame(Msg);
 
 impl Frame {
     /// An empty part, ready to receive into.
     pub fn new() -> Frame {
-        let mut msg = zmq_sys::zmq_msg_t::default();
-        // SAFETY: msg is a valid, writable zmq_msg_t; zmq_msg_init cannot fail.
-        unsafe { zmq_sys::zmq_msg_init(&mut msg) };
-        Frame { msg }
+        Frame(Msg::new())
     }
 
-    /// A part of `len` bytes, filled by `fill`. Parts of up to 33 bytes are
-    /// stored inline and never touch the heap.
-    fn filled(len: usize, fill: impl FnOnce(&mut [u8])) -> Frame {
-        let mut msg = zmq_sys::zmq_msg_t::default();
-        // SAFETY: msg is a valid zmq_msg_t; on failure (out of memory) libzmq
-        // leaves it uninitialised, so we abort like the global allocator does.
-        let rc = unsafe { zmq_sys::zmq_msg_init_size(&mut msg, len) };
-        if rc != 0 {
-            std::alloc::handle_alloc_error(
-                std::alloc::Layout::array::<u8>(len).unwrap_or(std::alloc::Layout::new::<u8>()),
-            );
-        }
-        let mut frame = Frame { msg };
-        if len > 0 {
-            // SAFETY: the message was just sized to `len` bytes and is not
-            // shared, so its data is `len` writable bytes owned by `frame`.
-            let data = unsafe {
-                std::slice::from_raw_parts_mut(
-                    zmq_sys::zmq_msg_data(&mut frame.msg) as *mut u8,
-                    len,
-                )
-            };
-            fill(data);
-        }
-        frame
-    }
-
-    /// A part holding a copy of `bytes`.
+    /// A part holding a copy of `bytes`. Parts of up to 33 bytes are stored
+    /// inline and never touch the heap.
     pub fn from_slice(bytes: &[u8]) -> Frame {
-        Frame::filled(bytes.len(), |buf| buf.copy_from_slice(bytes))
+        Frame(Msg::with_size(bytes.len(), |buf| {
+            buf.copy_from_slice(bytes)
+        }))
     }
 
     /// A delivery header (`MSG`, `seq`, `topic`), written in place.
     pub fn header(seq: u64, topic: &[u8]) -> Frame {
-        Frame::filled(crate::protocol::header_len(topic.len()), |buf| {
+        let len = crate::protocol::header_len(topic.len());
+        Frame(Msg::with_size(len, |buf| {
             crate::protocol::write_header(buf, seq, topic);
-        })
+        }))
     }
 
     /// The part's bytes.
     pub fn bytes(&self) -> &[u8] {
-        let ptr = &self.msg as *const _ as *mut zmq_sys::zmq_msg_t;
-        // SAFETY: zmq_msg_data and zmq_msg_size only read the message (the
-        // C signature lacks const); the data lives as long as `self`.
-        unsafe {
-            let data = zmq_sys::zmq_msg_data(ptr) as *const u8;
-            let len = zmq_sys::zmq_msg_size(ptr);
-            if len == 0 {
-                return &[];
-            }
-            std::slice::from_raw_parts(data, len)
-        }
+        self.0.bytes()
     }
 
     /// Another handle on the same bytes: shared by reference count above 33
     /// bytes, copied inline below. Never allocates.
     pub fn share(&mut self) -> Frame {
-        let mut copy = Frame::new();
-        // SAFETY: both are valid initialised messages; zmq_msg_copy only
-        // fails with EFAULT on invalid messages, which these are not.
-        unsafe { zmq_sys::zmq_msg_copy(&mut copy.msg, &mut self.msg) };
-        copy
+        Frame(self.0.share())
     }
 
     /// Moves the part into a new frame, leaving this one empty; no
     /// reference count is touched.
     pub fn take(&mut self) -> Frame {
-        let mut moved = Frame::new();
-        // SAFETY: both are initialised messages; zmq_msg_move closes
-        // `moved`'s empty content and leaves `self` empty.
-        unsafe { zmq_sys::zmq_msg_move(&mut moved.msg, &mut self.msg) };
-        moved
+        Frame(self.0.take())
     }
 
     /// Whether more parts of the same message follow this received part.
     pub fn more(&self) -> bool {
-        // SAFETY: reads a flag of a valid message.
-        unsafe { zmq_sys::zmq_msg_more(&self.msg) != 0 }
+        self.0.more()
     }
 
     /// The authenticated user of the connection this part arrived on: with
     /// CURVE, the Z85 public key our ZAP handler admitted. `None` without
     /// authentication.
     pub fn user_id(&self) -> Option<&str> {
-        let property = c"User-Id";
-        let ptr = &self.msg as *const _ as *mut zmq_sys::zmq_msg_t;
-        // SAFETY: zmq_msg_gets reads the metadata of a received message and
-        // returns a NUL-terminated string owned by the message, or NULL.
-        let value = unsafe { zmq_sys::zmq_msg_gets(ptr, property.as_ptr()) };
-        if value.is_null() {
-            return None;
-        }
-        // SAFETY: non-NULL results are valid C strings while `self` lives.
-        let value = unsafe { std::ffi::CStr::from_ptr(value) };
-        let value = value.to_str().ok()?;
+        let value = self.0.property(c"User-Id")?.to_str().ok()?;
         (!value.is_empty()).then_some(value)
     }
 
     /// Receives the next part from `socket` into this frame, replacing what
     /// it held. With `zmq::DONTWAIT`, `Err(EAGAIN)` means nothing is waiting.
     pub fn recv(&mut self, socket: &mut zmq::Socket, flags: i32) -> zmq::Result<()> {
-        // SAFETY: the socket pointer is valid for the borrow; libzmq closes the
-        // old content of `msg` before filling it.
-        let rc =
-            unsafe { zmq_sys::zmq_msg_recv(&mut self.msg, socket.as_mut_ptr(), flags as c_int) };
-        if rc < 0 { Err(last_error()) } else { Ok(()) }
+        self.0.recv(socket, flags)
     }
 
     /// Sends this part. On success libzmq owns the bytes; on failure (e.g.
     /// `EAGAIN`, `EHOSTUNREACH`) the frame is dropped and the error returned.
-    pub fn send(mut self, socket: &mut zmq::Socket, flags: i32) -> zmq::Result<()> {
-        // SAFETY: valid message and socket.
-        let rc =
-            unsafe { zmq_sys::zmq_msg_send(&mut self.msg, socket.as_mut_ptr(), flags as c_int) };
-        if rc < 0 {
-            return Err(last_error());
-        }
-        // libzmq took the content and left the message empty; zmq_msg_close
-        // "is NOT necessary after a successful zmq_msg_send()" (its man
-        // page), and skipping it saves an FFI call per part sent.
-        std::mem::forget(self);
-        Ok(())
+    pub fn send(self, socket: &mut zmq::Socket, flags: i32) -> zmq::Result<()> {
+        self.0.send(socket, flags)
     }
 }
 
@@ -176,13 +99,6 @@ impl zbroker_core::broker::Payload for Frame {
 impl Default for Frame {
     fn default() -> Self {
         Frame::new()
-    }
-}
-
-impl Drop for Frame {
-    fn drop(&mut self) {
-        // SAFETY: msg is initialised for the whole life of a Frame.
-        unsafe { zmq_sys::zmq_msg_close(&mut self.msg) };
     }
 }
 

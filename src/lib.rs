@@ -15,12 +15,20 @@
 //! - [`client`]: Rust publisher and subscriber;
 //! - [`auth`]: CURVE keys, the ZAP handler and topic ACLs;
 //! - [`config`] and [`metrics`].
+//!
+//! Every call into libzmq's C API that the `zmq` crate does not make goes
+//! through one private module, `ffi`, of safe wrappers with documented
+//! contracts; the lints below keep the rest of the crate free of raw FFI.
 
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod auth;
 pub mod client;
 pub mod config;
+#[allow(unsafe_code)]
+mod ffi;
 pub mod frame;
 pub mod metrics;
 pub mod server;

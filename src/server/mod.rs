@@ -1,0 +1,202 @@
+//! The broker's I/O: a [`Server`] binds a PULL socket for publishers and a
+//! ROUTER socket for subscribers, and runs one thread's event loop that
+//! moves frames between them and the sans-IO [`Broker`] core.
+//!
+//! One module per concept, each small enough to read whole:
+//! - `socket`: the two sockets, their options and their binding;
+//! - `security`: [`check`], and CURVE keys and key lists;
+//! - `monitor`: libzmq's socket monitor, counting connections and refusals;
+//! - `event_loop`: the `mio::Poll` loop and why it trusts no single edge;
+//! - `transport`: [`RouterTransport`], the core's way out;
+//! - `stats`: [`StatsHandle`], the counters other threads read;
+//! - `shutdown`: [`Stopper`], signals, and the linger flush;
+//! - `error`: [`ServerError`].
+
+mod error;
+mod event_loop;
+mod monitor;
+mod security;
+mod shutdown;
+mod socket;
+mod stats;
+mod transport;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::Poll;
+
+use crate::auth::ZapHandler;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::frame::Frame;
+use crate::metrics::{Exporter, Snapshot};
+use error::zmq_call;
+use monitor::Watch;
+
+pub use error::ServerError;
+pub use security::{Security, check};
+pub use shutdown::Stopper;
+pub use stats::StatsHandle;
+pub use transport::RouterTransport;
+
+/// The running broker: two bound sockets, a poller and the core.
+pub struct Server {
+    // Field order is drop order: sockets must close before the context.
+    pull: zmq::Socket,
+    router: zmq::Socket,
+    context: zmq::Context,
+    poll: Poll,
+    core: Broker<Frame>,
+    pub_endpoint: String,
+    sub_endpoint: String,
+    /// How long to keep flushing queues on shutdown.
+    linger: Duration,
+    stopper: Stopper,
+    stats: StatsHandle,
+    zap: Option<ZapHandler>,
+    publisher_watch: Watch,
+    subscriber_watch: Watch,
+    _exporter: Option<Exporter>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    /// Receive buffers reused for every message: topic and payload.
+    publish_frames: [Frame; 2],
+    /// Routing id, then up to three command frames.
+    command_frames: [Frame; 4],
+    /// Swallows the extra parts of a malformed message.
+    overflow_frame: Frame,
+    /// The sender's CURVE key, copied out of the frame it came with so the
+    /// frames can be lent mutably; reused, so it does not allocate.
+    user_id: String,
+    /// CURVE is on: only then do messages carry a User-Id worth reading
+    /// (the lookup is a measurable share of a publish's cost).
+    authenticated: bool,
+    /// libzmq's `ZMQ_ZBROKER_OUT_BYTES` on the ROUTER as of the last tick.
+    libzmq_queued_bytes: u64,
+}
+
+impl Server {
+    /// Creates both sockets, sets their options and binds them. The broker
+    /// does nothing until [`Server::run`].
+    pub fn bind(config: Config) -> Result<Server, ServerError> {
+        let security = check(&config)?;
+        socket::raise_open_file_limit();
+        let context = zmq::Context::new();
+        zmq_call(
+            "set ZMQ_IO_THREADS",
+            context.set_io_threads(config.io_threads),
+        )?;
+        // Before any socket binds: without a ZAP handler, CURVE admits anyone.
+        let zap = match &security {
+            Some(s) => {
+                Some(ZapHandler::bind(&context, Arc::clone(&s.acl)).map_err(ServerError::Auth)?)
+            }
+            None => None,
+        };
+        let pull = socket::publishers(&context, &config, security.as_ref())?;
+        let pub_endpoint = socket::bind(&pull, "publisher", &config.pub_bind)?;
+        let router = socket::subscribers(&context, &config, security.as_ref())?;
+        let publisher_watch = Watch::attach(&context, &pull, "publishers")?;
+        let subscriber_watch = Watch::attach(&context, &router, "subscribers")?;
+        let sub_endpoint = socket::bind(&router, "subscriber", &config.sub_bind)?;
+
+        let (poll, waker) = event_loop::poller(
+            &pull,
+            &router,
+            &publisher_watch,
+            &subscriber_watch,
+            zap.as_ref(),
+        )?;
+        let stats = StatsHandle::default();
+        let exporter = match &config.metrics_bind {
+            Some(address) => {
+                let source = stats.clone();
+                let exporter = Exporter::start(address, move || source.snapshot())
+                    .map_err(|e| ServerError::Io("bind the metrics endpoint", e))?;
+                tracing::info!(endpoint = %format!("http://{}/metrics", exporter.address()), "serving metrics");
+                Some(exporter)
+            }
+            None => None,
+        };
+        let zap_on = zap.is_some();
+        let linger = config.linger;
+        let mut core = Broker::new(config.broker(), Instant::now());
+        match &security {
+            Some(s) => {
+                tracing::info!(
+                    public_key = %s.keys.public,
+                    publishers = s.acl.publishers.len(),
+                    subscribers = s.acl.subscribers.len(),
+                    "CURVE on: only listed keys are admitted"
+                );
+                core.set_acl(Arc::clone(&s.acl));
+            }
+            None => tracing::info!("CURVE off: plaintext, loopback-only unless --insecure"),
+        }
+
+        tracing::info!(endpoint = %pub_endpoint, "publishers connect a PUSH socket to");
+        tracing::info!(endpoint = %sub_endpoint, "subscribers connect a DEALER socket to");
+        Ok(Server {
+            linger,
+            pull,
+            router,
+            context,
+            poll,
+            core,
+            pub_endpoint,
+            sub_endpoint,
+            stopper: Stopper::new(waker),
+            stats,
+            zap,
+            publisher_watch,
+            subscriber_watch,
+            _exporter: exporter,
+            signals: None,
+            publish_frames: Default::default(),
+            command_frames: Default::default(),
+            overflow_frame: Frame::new(),
+            user_id: String::new(),
+            authenticated: zap_on,
+            libzmq_queued_bytes: 0,
+        })
+    }
+
+    /// The endpoint publishers connect to, as bound (port resolved).
+    pub fn pub_endpoint(&self) -> &str {
+        &self.pub_endpoint
+    }
+
+    /// The endpoint subscribers connect to, as bound (port resolved).
+    pub fn sub_endpoint(&self) -> &str {
+        &self.sub_endpoint
+    }
+
+    /// The server's ZeroMQ context: `inproc://` endpoints are only reachable
+    /// from sockets of the same context (in-process benches and tests).
+    pub fn context(&self) -> zmq::Context {
+        self.context.clone()
+    }
+
+    /// A handle that stops [`Server::run`] from another thread.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// A handle on the broker's counters, readable from any thread.
+    pub fn stats(&self) -> StatsHandle {
+        self.stats.clone()
+    }
+
+    /// Makes SIGINT and SIGTERM stop the server like [`Stopper::stop`].
+    pub fn stop_on_signals(&mut self) -> Result<(), ServerError> {
+        self.signals = Some(shutdown::catch_signals(&self.poll)?);
+        Ok(())
+    }
+
+    /// Runs the loop until stopped, then flushes queues for up to the
+    /// configured linger. Returns the final counters.
+    pub fn run(mut self) -> Result<Snapshot, ServerError> {
+        self.serve()?;
+        self.shut_down()
+    }
+}

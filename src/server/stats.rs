@@ -1,0 +1,52 @@
+//! What the server reports: the core's counters plus what only the event
+//! loop knows (connections, refusals, libzmq's queues), published once a
+//! tick for [`StatsHandle`] readers on other threads.
+
+use std::sync::{Arc, Mutex};
+
+use super::Server;
+use crate::metrics::{Connections, Snapshot};
+
+/// Reads the broker's latest counters from any thread; refreshed every
+/// timer tick (at most a second apart, more often with a short
+/// `sub_timeout`).
+#[derive(Clone, Debug, Default)]
+pub struct StatsHandle(Arc<Mutex<Snapshot>>);
+
+impl StatsHandle {
+    /// The counters as of the last tick.
+    pub fn snapshot(&self) -> Snapshot {
+        // The lock is only held to clone or replace the snapshot whole, so
+        // a poisoned one still holds a complete snapshot.
+        match self.0.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the snapshot readers see.
+    pub(crate) fn publish(&self, snapshot: Snapshot) {
+        match self.0.lock() {
+            Ok(mut guard) => *guard = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        }
+    }
+}
+
+impl Server {
+    /// The core's counters plus what the event loop knows of connections.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.core.snapshot();
+        snapshot.connections = Connections {
+            publishers: self.publisher_watch.open,
+            subscribers: self.subscriber_watch.open,
+            handshake_failures: self.publisher_watch.handshake_failures
+                + self.subscriber_watch.handshake_failures,
+            auth_denied: self.zap.as_ref().map_or(0, |z| z.denied),
+            publisher_refusals: self.publisher_watch.refusals.clone(),
+            subscriber_refusals: self.subscriber_watch.refusals.clone(),
+        };
+        snapshot.libzmq_queued_bytes = self.libzmq_queued_bytes;
+        snapshot
+    }
+}
