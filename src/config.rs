@@ -1,9 +1,18 @@
 //! Broker configuration: endpoints, limits, queue policy, timeouts and
 //! security, with the embedded defaults `zbroker run` starts on.
 //!
-//! The same structure is read from a TOML file (`zbroker run --config`);
-//! every field is optional there and falls back to its default. Durations
-//! are written like `"10s"` or `"250ms"`.
+//! Each setting is defined once, as a field of [`Config`] (or of
+//! [`Limits`], [`QueueConfig`] or [`CurveConfig`], which it holds): the
+//! field's name is its key in a TOML file (serde), the field is also a
+//! `zbroker run` flag (clap), its doc comment is the flag's help, and
+//! [`ConfigArgs`] gives every flag an environment variable and shows its
+//! default, taken from [`Config::default()`]. The effective configuration
+//! is layered, **flag > environment variable > file > default**, and
+//! `zbroker run --check-config` prints it as TOML ([`Config::to_toml`]).
+//!
+//! In a TOML file (`zbroker run --config`) every field is optional and
+//! falls back to its default. Durations are written like `"10s"` or
+//! `"250ms"`.
 //!
 //! ```
 //! let config = zbroker::config::Config::from_toml(r#"
@@ -14,12 +23,19 @@
 //! "#).unwrap();
 //! assert_eq!(config.sub_timeout.as_secs(), 30);
 //! assert_eq!(config.limits.max_topic_len, 1024); // a default
+//! // What `--check-config` prints reads back as the same configuration.
+//! let printed = config.to_toml().unwrap();
+//! assert_eq!(zbroker::config::Config::from_toml(&printed).unwrap(), config);
 //! ```
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use clap::builder::Resettable;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches};
+use serde::{Deserialize, Serialize};
 
 pub use zbroker_core::config::{
     BrokerConfig, Limits, MAX_LENGTH_SETTING, MAX_MESSAGE_SIZE_SETTING,
@@ -33,83 +49,123 @@ pub const DEFAULT_SUB_BIND: &str = "tcp://127.0.0.1:5571";
 
 /// Everything the broker needs to start. `Config::default()` is the embedded
 /// default configuration.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+///
+/// Each field is a key of the config file and a flag of `zbroker run` (see
+/// [`ConfigArgs`]); the doc comments below are the flags' help, the first
+/// paragraph for `-h` and all of it for `--help`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Endpoint the PULL socket binds for publishers.
+    /// Endpoint publishers' PUSH sockets connect to (the broker's PULL
+    /// binds it).
+    #[arg(long, value_name = "ENDPOINT")]
     pub pub_bind: String,
-    /// Endpoint the ROUTER socket binds for subscribers.
+    /// Endpoint subscribers' DEALER sockets connect to (the broker's ROUTER
+    /// binds it).
+    #[arg(long, value_name = "ENDPOINT")]
     pub sub_bind: String,
-    /// Hard limits on what clients may ask for.
-    pub limits: Limits,
-    /// Per-subscriber pending queues for when libzmq's pipe is full.
-    pub queue: QueueConfig,
-    /// A subscriber not heard from for this long is forgotten.
+    /// Forget a subscriber not heard from for this long (at least 100ms).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub sub_timeout: Duration,
     /// ZMTP heartbeat interval on both sockets; a peer silent for
-    /// `max(sub_timeout, 3 × this)` is disconnected, so dead TCP peers free
-    /// their libzmq resources. Not shorter by default: libzmq 4.3 cancels
-    /// a heartbeat timer by a linear search over all of its I/O thread's
-    /// timers, so heartbeats cost about connections² / interval. At 10,000
-    /// subscribers a 1 s interval saturated a core (BENCHMARKS.md, scale).
+    /// max(sub_timeout, 3 × this) is disconnected.
+    ///
+    /// So dead TCP peers free their libzmq resources. Not shorter by
+    /// default: libzmq 4.3 cancels a heartbeat timer by a linear search over
+    /// all of its I/O thread's timers, so heartbeats cost about
+    /// connections² / interval. At 10,000 subscribers a 1 s interval
+    /// saturated a core (BENCHMARKS.md, scale).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub zmtp_heartbeat: Duration,
     /// libzmq's queue from each publisher, in messages (`ZMQ_RCVHWM` on the
-    /// PULL). Short on purpose: beyond it a publisher's PUSH waits, instead
-    /// of the broker reading ahead of what its subscribers take (which, with
-    /// a dropping overflow policy, only turns into drops).
+    /// PULL).
+    ///
+    /// Short on purpose: beyond it a publisher's PUSH waits, instead of the
+    /// broker reading ahead of what its subscribers take (which, with a
+    /// dropping overflow policy, only turns into drops).
+    #[arg(long, value_name = "N")]
     pub pub_hwm: i32,
     /// libzmq's queue to each subscriber, in messages (`ZMQ_SNDHWM` on the
-    /// ROUTER); beyond it deliveries wait in the broker's own
-    /// [`QueueConfig`] queue. libzmq 4.3 lets a full pipe be refilled only
-    /// once its I/O thread has read half of it, and the other half must
-    /// last until the broker's thread gets a core back: at 1,000 the I/O
-    /// thread ran dry on a busy 2-core machine (BENCHMARKS.md). The
-    /// comparison harness gives libzmq's proxy the same depths
-    /// (`ZBROKER_LIBZMQ` in benches/compare/src/servers.rs): keep them in step.
+    /// ROUTER).
+    ///
+    /// Beyond it deliveries wait in the broker's own queue (`[queue]`).
+    /// libzmq 4.3 lets a full pipe be refilled only once its I/O thread has
+    /// read half of it, and the other half must last until the broker's
+    /// thread gets a core back: at 1,000 the I/O thread ran dry on a busy
+    /// 2-core machine (BENCHMARKS.md). The comparison harness gives
+    /// libzmq's proxy the same depths (`ZBROKER_LIBZMQ` in
+    /// benches/compare/src/servers.rs): keep them in step.
+    #[arg(long, value_name = "N")]
     pub sub_hwm: i32,
-    /// Bytes libzmq's pipe to each publisher may hold, on top of
-    /// [`pub_hwm`](Self::pub_hwm)'s message count: without it, a pipe of
-    /// 1,000 large messages could hold 1,000 × `max_message_size`. Counts
-    /// each message part's size; a message, once begun, is always taken
-    /// whole, so the bound may be passed by one message.
+    /// Bytes libzmq's pipe from each publisher may hold, on top of
+    /// `pub_hwm`'s message count.
+    ///
+    /// Without it, a pipe of 1,000 large messages could hold 1,000 ×
+    /// `max_message_size`. Counts each message part's size; a message, once
+    /// begun, is always taken whole, so the bound may be passed by one
+    /// message.
+    #[arg(long, value_name = "BYTES")]
     pub pub_hwm_bytes: i64,
     /// Bytes libzmq's pipe to each subscriber may hold, on top of
-    /// [`sub_hwm`](Self::sub_hwm)'s message count; beyond it deliveries
-    /// wait in the broker's own byte-bounded queue ([`QueueConfig`]), where
-    /// they count in `zbroker_queued_bytes`. Shared payloads count once per
-    /// subscriber, as in the broker's queues. What the pipes hold now is
-    /// `zbroker_libzmq_queued_bytes`.
+    /// `sub_hwm`'s message count.
+    ///
+    /// Beyond it deliveries wait in the broker's own byte-bounded queue
+    /// (`[queue]`), where they count in `zbroker_queued_bytes`. Shared
+    /// payloads count once per subscriber, as in the broker's queues. What
+    /// the pipes hold now is `zbroker_libzmq_queued_bytes`.
+    #[arg(long, value_name = "BYTES")]
     pub sub_hwm_bytes: i64,
-    /// Bytes libzmq moves per system call where the messages flow: the
-    /// PULL's `ZMQ_IN_BATCH_SIZE` (reads from each publisher) and the
-    /// ROUTER's `ZMQ_OUT_BATCH_SIZE` (writes to each subscriber). libzmq's
-    /// own default is 8 KiB; at 64 KiB, 1→1 with 1 KiB messages ran about
-    /// 20 % faster on 30 % less broker CPU per message, and raising only one
-    /// side did not help (BENCHMARKS.md). What it costs: each subscriber
-    /// connection has an encoder buffer this large (its pages are touched
-    /// only as far as batches fill it), and a received message of more than
-    /// 33 bytes shares the buffer it was read into, so a message queued
-    /// for a slow subscriber can keep that whole buffer alive: with libzmq's
-    /// per-message bookkeeping about 2.2 times this many bytes. The harness
-    /// gives libzmq's proxy this too (`ZBROKER_LIBZMQ`).
+    /// Bytes libzmq reads from a publisher or writes to a subscriber per
+    /// system call, 1024 to 1048576.
+    ///
+    /// The PULL's `ZMQ_IN_BATCH_SIZE` and the ROUTER's
+    /// `ZMQ_OUT_BATCH_SIZE`. libzmq's own default is 8 KiB; at 64 KiB, 1→1
+    /// with 1 KiB messages ran about 20 % faster on 30 % less broker CPU per
+    /// message, and raising only one side did not help (BENCHMARKS.md).
+    /// What it costs: each subscriber connection has an encoder buffer this
+    /// large (its pages are touched only as far as batches fill it), and a
+    /// received message of more than 33 bytes shares the buffer it was read
+    /// into, so a message queued for a slow subscriber can keep that whole
+    /// buffer alive: with libzmq's per-message bookkeeping about 2.2 times
+    /// this many bytes. The harness gives libzmq's proxy this too
+    /// (`ZBROKER_LIBZMQ`).
+    #[arg(long, value_name = "BYTES")]
     pub io_batch: i32,
-    /// libzmq I/O threads (`ZMQ_IO_THREADS`), which encode, decode and do
-    /// the socket system calls; connections are spread over them. One is
-    /// enough for a core or two; add one per few more cores the broker may
-    /// use at high fan-out.
+    /// libzmq I/O threads (`ZMQ_IO_THREADS`), which encode, decode and make
+    /// the socket calls, 1 to 64.
+    ///
+    /// Connections are spread over them. One is enough for a core or two;
+    /// add one per few more cores the broker may use at high fan-out.
+    #[arg(long, value_name = "N")]
     pub io_threads: i32,
-    /// On shutdown, how long to keep flushing queued messages to connected
-    /// subscribers before exiting.
+    /// On SIGTERM or Ctrl-C, how long to keep flushing queued messages to
+    /// connected subscribers before exiting.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
-    /// Prometheus metrics endpoint (`host:port`); off when `None`.
+    /// Prometheus metrics endpoint (`host:port`, e.g. 127.0.0.1:9570); off
+    /// when unset.
+    #[arg(long, value_name = "HOST:PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_bind: Option<String>,
-    /// CURVE encryption, authentication and topic ACLs; off when `None`.
-    pub curve: Option<CurveConfig>,
     /// Allow binding a non-loopback address without CURVE.
+    ///
+    /// Its environment variable takes true or false (also 1/0, yes/no,
+    /// on/off).
+    #[arg(long, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
+    /// Hard limits on what clients may ask for.
+    #[command(flatten, next_help_heading = "Limits, [limits] in a config file")]
+    pub limits: Limits,
+    /// Per-subscriber pending queues for when libzmq's pipe is full.
+    #[command(flatten, next_help_heading = "Queues, [queue] in a config file")]
+    pub queue: QueueConfig,
+    /// CURVE encryption, authentication and topic ACLs; off when `None`.
+    #[command(flatten, next_help_heading = "CURVE, [curve] in a config file")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curve: Option<CurveConfig>,
 }
 
 impl Default for Config {
@@ -136,16 +192,278 @@ impl Default for Config {
 }
 
 /// CURVE settings: the broker's own key and who may connect to which side.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+///
+/// The `[curve]` table of the config file; on the command line the three
+/// are given together.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, Args)]
 #[serde(deny_unknown_fields)]
 pub struct CurveConfig {
-    /// File holding the broker's Z85 secret key (`zbroker keygen` writes it).
+    /// The broker's CURVE secret key file (from `zbroker keygen`); enables
+    /// CURVE.
+    #[arg(
+        long = "curve-secret-key",
+        value_name = "FILE",
+        requires_all = ["publisher_keys", "subscriber_keys"]
+    )]
     pub secret_key_file: PathBuf,
-    /// File listing the publishers' public keys and what they may publish.
+    /// Publishers' public keys, one per line, each followed by the filters
+    /// it may publish to.
+    #[arg(long, value_name = "FILE", requires = "secret_key_file")]
     pub publisher_keys: PathBuf,
-    /// File listing the subscribers' public keys and what they may
-    /// subscribe to.
+    /// Subscribers' public keys, one per line, each followed by the filters
+    /// it may subscribe to.
+    #[arg(long, value_name = "FILE", requires = "secret_key_file")]
     pub subscriber_keys: PathBuf,
+}
+
+/// `zbroker run`'s configuration: `--config FILE` and a flag per setting,
+/// layered as **flag > environment variable > file > default**.
+///
+/// Every field of [`Config`], [`Limits`], [`QueueConfig`] and
+/// [`CurveConfig`] is a flag: `max_topic_len` is `--max-topic-len`; in
+/// `[queue]`, `policy` is `--overflow` and the others are
+/// `--queue-max-messages` and so on, except `--disconnect-after`; in
+/// `[curve]`, `secret_key_file` is `--curve-secret-key`. Each flag also
+/// reads the environment variable named `ZBROKER_` and the flag in
+/// capitals (`ZBROKER_MAX_TOPIC_LEN`, `ZBROKER_PUB_BIND`), and its help
+/// shows its default (from [`Config::default()`]), its variable and its
+/// key in the file.
+///
+/// clap decides between a flag, its variable and the default;
+/// [`ConfigArgs::resolve`] then puts the file between the variables and
+/// the defaults: a setting given neither as a flag nor in the environment
+/// takes the file's value, else the default.
+#[derive(Clone, Debug)]
+pub struct ConfigArgs {
+    /// `--config`: the TOML file, if any.
+    pub file: Option<PathBuf>,
+    /// Every setting as clap parsed it: from a flag, the environment or the
+    /// default.
+    parsed: Config,
+    /// The argument ids (field names) of the settings that came from a flag
+    /// or the environment.
+    given: Vec<String>,
+}
+
+/// The id of `--config`.
+const FILE_ARG: &str = "config";
+
+impl ConfigArgs {
+    /// The effective configuration: the defaults, overridden by the file,
+    /// overridden by environment variables and flags; then validated.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let base = match &self.file {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        let config = overlay(&base, &self.parsed, &self.given)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Where a setting lives in the TOML form of a [`Config`]: its table
+/// (`Some("limits")`, or `None` at the top level) and its key.
+type KeyPath = (Option<String>, String);
+
+/// `base` with the settings named in `ids` taken from `top`.
+fn overlay(base: &Config, top: &Config, ids: &[String]) -> Result<Config, ConfigError> {
+    let paths = key_paths();
+    let mut table = to_table(base)?;
+    let top = to_table(top)?;
+    for id in ids {
+        let Some((section, key)) = paths.get(id) else {
+            unreachable!("setting {id} has no TOML key (see key_paths)");
+        };
+        let value = lookup(&top, section.as_deref(), key).cloned();
+        let into = match section {
+            Some(section) => table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("a section of Config is a table"),
+            None => &mut table,
+        };
+        match value {
+            Some(value) => into.insert(key.clone(), value),
+            None => into.remove(key),
+        };
+    }
+    table
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))
+}
+
+/// The value at `[section] key` of `table`, if any.
+fn lookup<'t>(table: &'t toml::Table, section: Option<&str>, key: &str) -> Option<&'t toml::Value> {
+    match section {
+        Some(section) => table.get(section)?.as_table()?.get(key),
+        None => table.get(key),
+    }
+}
+
+fn to_table(config: &Config) -> Result<toml::Table, ConfigError> {
+    toml::Table::try_from(config).map_err(out_of_toml_range)
+}
+
+/// Serialising a configuration fails only for an integer above TOML's range.
+fn out_of_toml_range(e: toml::ser::Error) -> ConfigError {
+    ConfigError::Invalid(format!(
+        "a setting is larger than {}, the largest TOML integer ({e})",
+        i64::MAX
+    ))
+}
+
+/// Where each setting lives in the TOML form of a [`Config`], by argument
+/// id (its field's name): `max_topic_len` at `(Some("limits"),
+/// "max_topic_len")`, `pub_bind` at `(None, "pub_bind")`. Read from a
+/// configuration with every optional part present, so that nothing here
+/// repeats the structs; field names are unique across the tables (a unit
+/// test checks).
+fn key_paths() -> HashMap<String, KeyPath> {
+    let complete = Config {
+        metrics_bind: Some(String::new()),
+        curve: Some(CurveConfig {
+            secret_key_file: PathBuf::new(),
+            publisher_keys: PathBuf::new(),
+            subscriber_keys: PathBuf::new(),
+        }),
+        ..Config::default()
+    };
+    let mut paths = HashMap::new();
+    for (key, value) in to_table(&complete).expect("the defaults fit in TOML") {
+        match value {
+            toml::Value::Table(inner) => {
+                for field in inner.keys() {
+                    paths.insert(field.clone(), (Some(key.clone()), field.clone()));
+                }
+            }
+            _ => {
+                paths.insert(key.clone(), (None, key));
+            }
+        }
+    }
+    paths
+}
+
+/// The argument ids of the settings: every flag [`Config`] derives.
+fn setting_ids() -> Vec<String> {
+    Config::augment_args(clap::Command::new("settings"))
+        .get_arguments()
+        .map(|arg| arg.get_id().to_string())
+        .collect()
+}
+
+/// A TOML value as a command-line argument: strings unquoted.
+fn as_argument(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Args for ConfigArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        // A flattened struct's doc comment would replace the command's own.
+        let about = cmd.get_about().cloned();
+        let long_about = cmd.get_long_about().cloned();
+        let cmd = cmd.arg(
+            clap::Arg::new(FILE_ARG)
+                .long("config")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help(
+                    "TOML configuration file: any setting below, under the key its help \
+                     names; flags and environment variables override it",
+                ),
+        );
+        let mut cmd = Config::augment_args(cmd);
+        let defaults = to_table(&Config::default()).expect("the defaults fit in TOML");
+        let paths = key_paths();
+        for id in setting_ids() {
+            let (section, key) = paths[&id].clone();
+            let default = lookup(&defaults, section.as_deref(), &key)
+                .filter(|v| !v.is_bool())
+                .map(as_argument);
+            // A dotted key is valid TOML too: `limits.max_topic_len = 64`.
+            let file_key = match &section {
+                Some(section) => format!("{section}.{key}"),
+                None => key.clone(),
+            };
+            cmd = cmd.mut_arg(id, |arg| {
+                let env = format!(
+                    "ZBROKER_{}",
+                    arg.get_long()
+                        .expect("every setting is a --flag")
+                        .to_ascii_uppercase()
+                        .replace('-', "_")
+                );
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                let long_help = arg.get_long_help().map(ToString::to_string);
+                let long_help = long_help.unwrap_or_else(|| help.clone());
+                let arg = arg
+                    .required(false)
+                    .env(env)
+                    .help(format!("{help} [config: {file_key}]"))
+                    .long_help(format!("{long_help}\n\n[config: {file_key}]"));
+                match default {
+                    Some(default) => arg.default_value(default),
+                    None => arg,
+                }
+            });
+        }
+        let restore = |text: Option<clap::builder::StyledStr>| match text {
+            Some(text) => Resettable::Value(text),
+            None => Resettable::Reset,
+        };
+        cmd.next_help_heading(Resettable::Reset)
+            .about(restore(about))
+            .long_about(restore(long_about))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for ConfigArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
+        let given = setting_ids()
+            .into_iter()
+            .filter(|id| {
+                matches!(
+                    matches.value_source(id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .collect();
+        Ok(ConfigArgs {
+            file: matches.remove_one(FILE_ARG),
+            parsed: Config::from_arg_matches_mut(matches)?,
+            given,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.update_from_arg_matches_mut(&mut matches.clone())
+    }
+
+    fn update_from_arg_matches_mut(&mut self, matches: &mut ArgMatches) -> Result<(), clap::Error> {
+        let new = Self::from_arg_matches_mut(matches)?;
+        self.parsed = overlay(&self.parsed, &new.parsed, &new.given)
+            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::ValueValidation, e))?;
+        self.given.extend(new.given);
+        self.given.sort();
+        self.given.dedup();
+        if new.file.is_some() {
+            self.file = new.file;
+        }
+        Ok(())
+    }
 }
 
 /// Why a configuration was refused.
@@ -191,6 +509,14 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
         Config::from_toml(&text)
+    }
+
+    /// The configuration as TOML that [`Config::from_toml`] reads back as
+    /// the same configuration, every setting written out (what
+    /// `zbroker run --check-config` prints). Fails only for a value too
+    /// large for TOML's 64-bit signed integers.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(out_of_toml_range)
     }
 
     /// Checks values that parse but cannot work, with a message that says
@@ -320,6 +646,163 @@ pub fn is_local(endpoint: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `zbroker run`'s configuration flags alone.
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+    }
+
+    /// `args` parsed as `zbroker run` would, but blind to the environment
+    /// (the tests in tests/cli.rs cover it), so that `ZBROKER_*` variables
+    /// where the tests run cannot change the outcome.
+    fn try_parse(args: &[&str]) -> Result<ConfigArgs, clap::Error> {
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Run::command().mut_args(|arg| arg.env(Resettable::Reset));
+        let args = std::iter::once("run").chain(args.iter().copied());
+        let matches = command.try_get_matches_from(args)?;
+        Ok(Run::from_arg_matches(&matches)?.config)
+    }
+
+    fn parse(args: &[&str]) -> ConfigArgs {
+        try_parse(args).unwrap()
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        use clap::CommandFactory;
+        Run::command().debug_assert();
+    }
+
+    #[test]
+    fn every_setting_has_one_toml_key() {
+        let paths = key_paths();
+        let ids = setting_ids();
+        for id in &ids {
+            assert!(paths.contains_key(id), "flag {id} has no TOML key");
+        }
+        // Every key is a flag, and no key name is used twice (the paths are
+        // keyed by field name).
+        assert_eq!(paths.len(), ids.len(), "{paths:?} vs {ids:?}");
+        assert_eq!(
+            paths["max_topic_len"],
+            (Some("limits".into()), "max_topic_len".into())
+        );
+        assert_eq!(paths["policy"], (Some("queue".into()), "policy".into()));
+        assert_eq!(paths["pub_bind"], (None, "pub_bind".into()));
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("zbroker.toml");
+        std::fs::write(
+            &file,
+            "sub_timeout = \"30s\"\ninsecure = true\n[limits]\nmax_topic_len = 100\n\
+             max_filter_len = 101\n[queue]\npolicy = \"drop-old\"\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let config = parse(&[
+            "--config",
+            file,
+            "--max-topic-len",
+            "200",
+            "--overflow",
+            "disconnect",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(config.sub_timeout, Duration::from_secs(30), "file");
+        assert!(config.insecure, "the file's, as --insecure was not given");
+        assert_eq!(config.limits.max_topic_len, 200, "flag");
+        assert_eq!(config.limits.max_filter_len, 101, "file");
+        assert_eq!(config.queue.policy, OverflowPolicy::Disconnect, "flag");
+        assert_eq!(config.limits.max_subscribers, 100_000, "default");
+        assert_eq!(config.pub_bind, DEFAULT_PUB_BIND, "default");
+
+        let config = parse(&["--config", file]).resolve().unwrap();
+        assert_eq!(config.limits.max_topic_len, 100);
+        assert_eq!(config.queue.policy, OverflowPolicy::DropOld);
+
+        let config = parse(&["--sub-timeout", "3s", "--insecure"])
+            .resolve()
+            .unwrap();
+        let expected = Config {
+            sub_timeout: Duration::from_secs(3),
+            insecure: true,
+            ..Config::default()
+        };
+        assert_eq!(config, expected);
+        assert_eq!(parse(&[]).resolve().unwrap(), Config::default());
+    }
+
+    #[test]
+    fn curve_and_metrics_flags_fill_in_what_the_file_lacks() {
+        let config = parse(&[
+            "--metrics-bind",
+            "127.0.0.1:9570",
+            "--curve-secret-key",
+            "broker.key",
+            "--publisher-keys",
+            "pub.keys",
+            "--subscriber-keys",
+            "sub.keys",
+        ]);
+        let config = overlay(&Config::default(), &config.parsed, &config.given).unwrap();
+        assert_eq!(config.metrics_bind.as_deref(), Some("127.0.0.1:9570"));
+        let curve = config.curve.unwrap();
+        assert_eq!(curve.secret_key_file, Path::new("broker.key"));
+        assert_eq!(curve.subscriber_keys, Path::new("sub.keys"));
+
+        let half = try_parse(&["--publisher-keys", "pub.keys"]);
+        assert!(half.is_err(), "the CURVE flags go together");
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_the_flag_parser() {
+        for args in [
+            ["--sub-timeout", "10 parsecs"],
+            ["--max-topic-len", "-1"],
+            ["--overflow", "drop-some"],
+        ] {
+            assert!(try_parse(&args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn to_toml_reads_back_as_the_same_configuration() {
+        let config = Config {
+            sub_timeout: Duration::from_millis(1500),
+            metrics_bind: Some("127.0.0.1:9570".into()),
+            insecure: true,
+            curve: Some(CurveConfig {
+                secret_key_file: "broker.key".into(),
+                publisher_keys: "pub.keys".into(),
+                subscriber_keys: "sub.keys".into(),
+            }),
+            limits: Limits {
+                max_topic_len: 77,
+                ..Limits::default()
+            },
+            queue: QueueConfig {
+                policy: OverflowPolicy::Backpressure,
+                disconnect_after: Duration::from_micros(2_500_001),
+                ..QueueConfig::default()
+            },
+            ..Config::default()
+        };
+        let text = config.to_toml().unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), config, "{text}");
+        assert!(text.contains("policy = \"backpressure\""), "{text}");
+        let default = Config::default().to_toml().unwrap();
+        assert_eq!(Config::from_toml(&default).unwrap(), Config::default());
+        assert!(
+            !default.contains("curve") && !default.contains("metrics_bind"),
+            "{default}"
+        );
+    }
 
     #[test]
     fn loopback_detection() {

@@ -50,19 +50,19 @@ fn flags_override_environment_which_overrides_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("pub_bind: \"tcp://127.0.0.1:7003\""),
+        text.contains("pub_bind = \"tcp://127.0.0.1:7003\""),
         "env over file: {text}"
     );
     assert!(
-        text.contains("sub_bind: \"tcp://127.0.0.1:7004\""),
+        text.contains("sub_bind = \"tcp://127.0.0.1:7004\""),
         "flag over env: {text}"
     );
     assert!(
-        text.contains("sub_timeout: 30s"),
+        text.contains("sub_timeout = \"30s\""),
         "file over default: {text}"
     );
     assert!(
-        text.contains("policy: DropOld") && text.contains("max_messages: 77"),
+        text.contains("policy = \"drop-old\"") && text.contains("max_messages = 77"),
         "{text}"
     );
     assert!(text.ends_with("configuration OK\n"));

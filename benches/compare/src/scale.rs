@@ -385,16 +385,11 @@ fn default_heartbeat(env: &Env) -> Option<String> {
         .ok()?;
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    // A TOML line: `zmtp_heartbeat = "30s"`.
     let line = text
         .lines()
-        .find(|l| l.trim_start().starts_with("zmtp_heartbeat:"))?;
-    Some(
-        line.split(':')
-            .nth(1)?
-            .trim()
-            .trim_end_matches(',')
-            .to_string(),
-    )
+        .find(|l| l.trim_start().starts_with("zmtp_heartbeat ="))?;
+    Some(line.split('=').nth(1)?.trim().trim_matches('"').to_string())
 }
 
 pub fn run(env: &Env, settings: &Settings) -> ScaleResult {

@@ -2,10 +2,17 @@
 //! for slow subscribers, and the subscriber timeout. The server crate reads
 //! these (with its own socket settings) from flags, the environment and a
 //! TOML file; every field here has its embedded default.
+//!
+//! Each setting is defined once, here: the field's name is its TOML key
+//! (serde), and with the `clap` feature (which the server enables) also its
+//! `zbroker run` flag, with the field's doc comment as the flag's help (the
+//! first paragraph for `-h`, all of it for `--help`). The server adds the
+//! defaults to the help, from the `Default` impls below, and an environment
+//! variable per flag (`zbroker::config::ConfigArgs`).
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::DEFAULT_MAX_TOPIC_LEN;
 
@@ -35,42 +42,67 @@ impl Default for BrokerConfig {
 pub const DEFAULT_SUB_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Limits on clients; a command over a limit gets `[ERR, limit, …]`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+///
+/// The `[limits]` table of the config file; each field is also a flag.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Longest topic a publisher may use, in bytes.
+    /// Longest topic a publisher may use, in bytes (at most 65536).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "BYTES"))]
     pub max_topic_len: usize,
-    /// Longest filter a subscriber may hold, in bytes.
+    /// Longest filter a subscriber may hold, in bytes (at most 65536).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "BYTES"))]
     pub max_filter_len: usize,
     /// Most subscribers the broker tracks at once.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_subscribers: usize,
     /// Most filters one subscriber may hold.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_filters_per_subscriber: usize,
     /// Most filters across all subscribers.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_filters_total: usize,
-    /// Largest message part libzmq accepts (`ZMQ_MAXMSGSIZE`); a peer that
-    /// sends a larger one is disconnected by libzmq. `-1`: no limit.
+    /// Largest message part in bytes, at most 1 GiB (`ZMQ_MAXMSGSIZE`); a
+    /// peer that sends a larger one is disconnected by libzmq.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "BYTES"))]
     pub max_message_size: i64,
-    /// Commands one subscriber may send per second, sustained; a burst may
-    /// add `max_filters_per_subscriber` more (a full re-subscribe).
+    /// Commands one subscriber may send per second, sustained.
+    ///
+    /// A burst may add `max_filters_per_subscriber` more (a full
+    /// re-subscribe).
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_commands_per_sec: u32,
-    /// Replies (OK, ERR, PONG) queued for one subscriber that does not read,
-    /// beyond a full re-subscribe (`max_filters_per_subscriber`, always
-    /// allowed); more are dropped and counted.
+    /// Replies (OK, ERR, PONG) queued for a subscriber that does not read.
+    ///
+    /// Counted beyond a full re-subscribe (`max_filters_per_subscriber`,
+    /// always allowed); more are dropped and counted.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_queued_replies: usize,
-    /// Most `.`-separated segments in a pattern filter. Matching a topic
-    /// against patterns visits at most 2^(n+1) trie nodes for n segments,
-    /// so this bounds the CPU one publish can cost (README, "Security").
+    /// Most `.`-separated segments in a pattern filter, 1 to 1024.
+    ///
+    /// Matching a topic against patterns visits at most 2^(n+1) trie nodes
+    /// for n segments, so this bounds the CPU one publish can cost (README,
+    /// "Security").
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_pattern_segments: usize,
-    /// Most heap bytes the routing index may hold (its running count, as in
-    /// `zbroker_index_heap_bytes`); past it, `SUB` gets `[ERR, limit, …]`.
+    /// Most heap bytes the routing index may hold; past it, `SUB` is refused.
+    ///
+    /// The index's running count, as in `zbroker_index_heap_bytes`; a
+    /// refused `SUB` gets `[ERR, limit, …]`.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "BYTES"))]
     pub max_index_bytes: usize,
     /// Under CURVE: most filters the subscribers of one key may hold
-    /// together, so that one key cannot take `max_filters_total` from the
-    /// others.
+    /// together.
+    ///
+    /// So that one key cannot take `max_filters_total` from the others.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_filters_per_key: usize,
-    /// Most live connections per bound endpoint; one more is accepted and
-    /// closed at once, and counted. Keeps descriptors for everyone else.
+    /// Most live connections per bound endpoint; more are closed at once.
+    ///
+    /// One more is accepted, closed and counted, which keeps descriptors for
+    /// everyone else.
+    #[cfg_attr(feature = "clap", arg(long, value_name = "N"))]
     pub max_connections: usize,
 }
 
@@ -102,25 +134,33 @@ impl Default for Limits {
 }
 
 /// What happens to a message for a subscriber whose queue is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+///
+/// Written `drop-new`, `drop-old`, `disconnect` or `backpressure` in the
+/// config file and on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum OverflowPolicy {
     /// Drop the new message (the subscriber sees a seq gap).
     DropNew,
     /// Drop the oldest queued message to make room.
     DropOld,
-    /// Drop the new message, and once the queue has stayed full for
-    /// [`QueueConfig::disconnect_after`], drop the subscriber's filters and
-    /// queue and tell it with `[ERR, limit, …]`.
+    /// Drop the new message; once the queue has stayed full for
+    /// `disconnect_after`, drop the subscriber's filters and queue.
+    ///
+    /// The subscriber is told with `[ERR, limit, …]`
+    /// ([`QueueConfig::disconnect_after`]).
     Disconnect,
-    /// Lose nothing to a slow consumer: while any subscriber's queue,
-    /// counting what is routed to it and not sent yet, is half full (half
-    /// of `max_messages` messages or of `max_bytes` bytes, replies'
-    /// bytes included), or all queues together hold half of
-    /// [`QueueConfig::max_total_bytes`], stop reading publishers, so
-    /// libzmq's PUSH high-water mark slows them down. Every publisher then
-    /// runs at the pace of the slowest matching subscriber. A subscriber
-    /// holding publishers back that takes nothing for
+    /// Pause publishers while a subscriber's queue is half full, losing
+    /// nothing to a slow consumer.
+    ///
+    /// While any subscriber's queue, counting what is routed to it and not
+    /// sent yet, is half full (half of `max_messages` messages or of
+    /// `max_bytes` bytes, replies' bytes included), or all queues together
+    /// hold half of [`QueueConfig::max_total_bytes`], stop reading
+    /// publishers, so libzmq's PUSH high-water mark slows them down. Every
+    /// publisher then runs at the pace of the slowest matching subscriber.
+    /// A subscriber holding publishers back that takes nothing for
     /// [`QueueConfig::disconnect_after`] (give or take one sweep of the
     /// broker's timer) is cut off as with `Disconnect`, so a stuck one
     /// cannot stall publishers for longer. A message that does not fit in
@@ -143,20 +183,35 @@ impl OverflowPolicy {
 
 /// Bounds of the broker-side queue each subscriber gets once libzmq's pipe
 /// to it is full.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+///
+/// The `[queue]` table of the config file; each field is also a flag.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
-    /// Most messages queued for one subscriber.
+    /// Most messages queued in the broker for one slow subscriber.
+    #[cfg_attr(feature = "clap", arg(long = "queue-max-messages", value_name = "N"))]
     pub max_messages: usize,
-    /// Most payload + topic bytes queued for one subscriber.
+    /// Most topic + payload bytes queued in the broker for one slow
+    /// subscriber.
+    #[cfg_attr(feature = "clap", arg(long = "queue-max-bytes", value_name = "BYTES"))]
     pub max_bytes: usize,
-    /// Most bytes queued across all subscribers.
+    /// Most bytes queued in the broker across all subscribers.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "queue-max-total-bytes", value_name = "BYTES")
+    )]
     pub max_total_bytes: usize,
-    /// What to do when a queue is full.
+    /// What to do with a message for a subscriber whose queue is full.
+    #[cfg_attr(feature = "clap", arg(long = "overflow", value_name = "POLICY"))]
     pub policy: OverflowPolicy,
-    /// With [`OverflowPolicy::Disconnect`]: how long a queue may stay full;
-    /// with [`OverflowPolicy::Backpressure`]: how long a subscriber holding
-    /// publishers back may take nothing.
+    /// With `disconnect`: how long a queue may stay full; with
+    /// `backpressure`: how long a subscriber holding publishers back may
+    /// take nothing.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)
+    )]
     #[serde(with = "humantime_serde")]
     pub disconnect_after: Duration,
 }
