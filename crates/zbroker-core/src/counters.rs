@@ -68,6 +68,20 @@ pub struct Counters {
     pub slow_disconnects: u64,
     /// Times the `backpressure` policy stopped reading publishers.
     pub backpressure_pauses: u64,
+    /// Messages sent to the XPUB front (once each, for all its SUBs).
+    pub xpub_delivered: u64,
+    /// Messages for the XPUB front that its socket refused.
+    pub xpub_dropped: u64,
+    /// SUB subscribe notices counted.
+    pub xpub_subscribes: u64,
+    /// SUB unsubscribe notices counted.
+    pub xpub_unsubscribes: u64,
+    /// SUB unsubscribe notices for a prefix no SUB held.
+    pub xpub_unknown_unsubscribes: u64,
+    /// SUB subscribe notices refused by a limit.
+    pub xpub_refused_notices: u64,
+    /// Messages from the XPUB socket that were not subscription notices.
+    pub xpub_malformed_notices: u64,
 }
 
 /// Counters plus the current gauges.
@@ -93,6 +107,8 @@ pub struct Snapshot {
     /// Bytes in libzmq's pipes to subscribers now (what `sub_hwm_bytes`
     /// bounds per subscriber), shared payloads counted per subscriber.
     pub libzmq_queued_bytes: u64,
+    /// Distinct prefixes the XPUB front's SUB sockets hold now.
+    pub xpub_prefixes: u64,
     /// Connection-level figures the event loop adds (zero in the bare core).
     pub connections: Connections,
 }
@@ -106,6 +122,8 @@ pub struct Connections {
     /// Subscriber connections open now (a subscriber is counted in
     /// `Snapshot::subscribers` once it has sent a command).
     pub subscribers: u64,
+    /// Plain SUB connections open now on the XPUB front.
+    pub xpub_subscribers: u64,
     /// Handshakes that failed: wrong mechanism (plaintext against CURVE),
     /// bad keys, or keys the ZAP handler refused.
     pub handshake_failures: u64,

@@ -211,6 +211,13 @@ impl<P> SubscriberTable<P> {
         id
     }
 
+    /// An id no subscriber will get, for a front the routing index names
+    /// like a subscriber (its slot stays empty).
+    pub(crate) fn reserve(&mut self) -> SubId {
+        self.slots.push(None);
+        SubId::try_from(self.slots.len() - 1).expect("max_subscribers fits in u32")
+    }
+
     /// Removes and returns a subscriber.
     pub(crate) fn remove(&mut self, id: SubId) -> Option<Subscriber<P>> {
         let record = self.slots.get_mut(id as usize)?.take()?;

@@ -42,7 +42,9 @@
 //! - `queues`: per-subscriber queues and the overflow policies;
 //! - `commands`: SUB, UNSUB and PING, the limits on them and the replies;
 //! - `rate_limit`: the token buckets that bound commands per second;
-//! - `sweep`: expiry, the slow-consumer cut-off, and freeing subscribers.
+//! - `sweep`: expiry, the slow-consumer cut-off, and freeing subscribers;
+//! - `xpub_front`: plain ZeroMQ SUB sockets behind an XPUB socket, their
+//!   prefixes counted across connections.
 
 use std::fmt;
 use std::sync::Arc;
@@ -65,13 +67,16 @@ mod sweep;
 #[cfg(test)]
 mod tests;
 mod transport;
+mod xpub_front;
 
 pub(crate) use rate_limit::TokenBucket;
 pub use staging::{MAX_STAGED_DELIVERIES, MAX_STAGED_MESSAGES};
 pub use transport::{Payload, SendOutcome, Transport};
+pub use xpub_front::{Notice, NoticeOutcome};
 
 use queues::Queues;
 use staging::Staged;
+use xpub_front::XpubFront;
 
 /// The broker's state and decisions; see the module docs.
 ///
@@ -106,6 +111,8 @@ pub struct Broker<P> {
     /// not track (they have no record, so no bucket of their own): garbage
     /// past it is dropped unanswered, and counted.
     stranger_tokens: TokenBucket,
+    /// The XPUB front for plain SUB sockets, once opened.
+    xpub: Option<XpubFront>,
 }
 
 impl<P: Payload> Broker<P> {
@@ -128,6 +135,7 @@ impl<P: Payload> Broker<P> {
             command_log: LogLimiter::default(),
             filters_per_key: HashMap::new(),
             stranger_tokens,
+            xpub: None,
         }
     }
 
@@ -210,11 +218,14 @@ impl<P: Payload> Broker<P> {
         self.counters.published += 1;
         self.counters.published_bytes += payload_len;
         self.index.matches(topic.bytes(), &mut self.matched);
+        let to_xpub = self.send_to_xpub(topic.bytes(), payload, payload_len, out);
         if self.matched.is_empty() {
-            self.counters.unmatched += 1;
-            return Ok(0);
+            if !to_xpub {
+                self.counters.unmatched += 1;
+            }
+            return Ok(usize::from(to_xpub));
         }
-        Ok(self.stage(topic, payload, payload_len, now, out))
+        Ok(self.stage(topic, payload, payload_len, now, out) + usize::from(to_xpub))
     }
 
     /// Sends the deliveries [`route_publish`](Self::route_publish) staged:
@@ -357,6 +368,7 @@ impl<P: Payload> Broker<P> {
             publishers_paused: u64::from(self.paused),
             index_heap_bytes: self.index.heap_bytes() as u64,
             libzmq_queued_bytes: 0,
+            xpub_prefixes: self.xpub_prefixes() as u64,
         }
     }
 

@@ -76,6 +76,17 @@ pub trait Transport<P> {
     ) -> SendOutcome;
     /// Sends a reply, one frame per slice, to `routing_id`.
     fn reply(&mut self, routing_id: &[u8], frames: &[&[u8]]) -> SendOutcome;
+    /// Sends `[topic, payload]` to the XPUB front, once for all its SUB
+    /// sockets, under the same sharing rules as [`deliver`]; called only
+    /// after [`Broker::open_xpub_front`](super::Broker::open_xpub_front).
+    /// A transport without that front never gets the call; the default
+    /// says it is unreachable.
+    ///
+    /// [`deliver`]: Transport::deliver
+    fn to_xpub(&mut self, topic: &[u8], payload: &mut P, last_use: bool) -> SendOutcome {
+        let _ = (topic, payload, last_use);
+        SendOutcome::Unreachable
+    }
 }
 
 /// Puts `reply` in its protocol v1 frames and hands them to `out`.
