@@ -317,14 +317,14 @@ impl BrokerRig {
         config.queue.max_total_bytes = 8 << 30;
         let dir = match endpoint {
             Endpoint::Inproc => {
-                config.pub_bind = format!("inproc://bench-pub-{subscribers}");
-                config.sub_bind = format!("inproc://bench-sub-{subscribers}");
+                config.pub_bind = vec![format!("inproc://bench-pub-{subscribers}")];
+                config.sub_bind = vec![format!("inproc://bench-sub-{subscribers}")];
                 None
             }
             Endpoint::Ipc => {
                 let dir = tempfile::tempdir().expect("create a temp dir");
-                config.pub_bind = format!("ipc://{}/pub", dir.path().display());
-                config.sub_bind = format!("ipc://{}/sub", dir.path().display());
+                config.pub_bind = vec![format!("ipc://{}/pub", dir.path().display())];
+                config.sub_bind = vec![format!("ipc://{}/sub", dir.path().display())];
                 Some(dir)
             }
         };

@@ -56,14 +56,31 @@ pub const DEFAULT_SUB_BIND: &str = "tcp://127.0.0.1:5571";
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Endpoint publishers' PUSH sockets connect to (the broker's PULL
-    /// binds it).
-    #[arg(long, value_name = "ENDPOINT")]
-    pub pub_bind: String,
-    /// Endpoint subscribers' DEALER sockets connect to (the broker's ROUTER
-    /// binds it).
-    #[arg(long, value_name = "ENDPOINT")]
-    pub sub_bind: String,
+    /// Endpoints publishers' PUSH sockets connect to (the broker's PULL
+    /// binds each): the flag repeated, a comma-separated list, or a TOML
+    /// string or list.
+    ///
+    /// Several let local publishers use ipc and remote ones tcp, on one
+    /// broker (Dragonflow's neutron-server workers PUSH to an ipc path).
+    #[arg(long, value_name = "ENDPOINT", action = clap::ArgAction::Append, value_delimiter = ',')]
+    #[serde(with = "endpoints")]
+    pub pub_bind: Vec<String>,
+    /// Endpoints subscribers' DEALER sockets connect to (the broker's
+    /// ROUTER binds each); as many as `pub_bind`.
+    #[arg(long, value_name = "ENDPOINT", action = clap::ArgAction::Append, value_delimiter = ',')]
+    #[serde(with = "endpoints")]
+    pub sub_bind: Vec<String>,
+    /// Endpoints unchanged ZeroMQ SUB sockets connect to (an XPUB socket
+    /// binds each); off when empty.
+    ///
+    /// A SUB subscribes by prefix and receives `[topic, payload]`, exactly
+    /// what a PUB socket would send it, with no sequence numbers: libzmq
+    /// drops what a slow SUB cannot take (docs/PROTOCOL.md, "The XPUB
+    /// front"). Its subscriptions are prefix filters in the routing index,
+    /// under the same limits; not with CURVE ACLs, which it cannot enforce.
+    #[arg(long, value_name = "ENDPOINT", action = clap::ArgAction::Append, value_delimiter = ',')]
+    #[serde(with = "endpoints", skip_serializing_if = "Vec::is_empty")]
+    pub xpub_bind: Vec<String>,
     /// Forget a subscriber not heard from for this long (at least 100ms).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -171,8 +188,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            pub_bind: DEFAULT_PUB_BIND.to_string(),
-            sub_bind: DEFAULT_SUB_BIND.to_string(),
+            pub_bind: vec![DEFAULT_PUB_BIND.to_string()],
+            sub_bind: vec![DEFAULT_SUB_BIND.to_string()],
+            xpub_bind: Vec::new(),
             limits: Limits::default(),
             queue: QueueConfig::default(),
             sub_timeout: zbroker_core::config::DEFAULT_SUB_TIMEOUT,
@@ -323,6 +341,7 @@ fn out_of_toml_range(e: toml::ser::Error) -> ConfigError {
 fn key_paths() -> HashMap<String, KeyPath> {
     let complete = Config {
         metrics_bind: Some(String::new()),
+        xpub_bind: vec![String::new()],
         curve: Some(CurveConfig {
             secret_key_file: PathBuf::new(),
             publisher_keys: PathBuf::new(),
@@ -358,6 +377,8 @@ fn setting_ids() -> Vec<String> {
 fn as_argument(value: &toml::Value) -> String {
     match value {
         toml::Value::String(s) => s.clone(),
+        // Endpoint lists: the flags split on commas.
+        toml::Value::Array(items) => items.iter().map(as_argument).collect::<Vec<_>>().join(","),
         other => other.to_string(),
     }
 }
@@ -608,8 +629,26 @@ impl Config {
         if self.queue.max_messages == 0 || self.queue.max_bytes == 0 {
             return invalid("queue.max_messages and queue.max_bytes must be at least 1".into());
         }
+        for (flag, endpoints) in [("pub-bind", &self.pub_bind), ("sub-bind", &self.sub_bind)] {
+            if endpoints.is_empty() {
+                return invalid(format!("--{flag} needs at least one endpoint"));
+            }
+        }
+        if self.curve.is_some() && !self.xpub_bind.is_empty() {
+            return invalid(
+                "--xpub-bind cannot be used with CURVE: an XPUB socket does not say which key \
+                 sent a subscription, so topic ACLs could not be enforced; serve SUB sockets \
+                 from a broker without [curve], on a trusted network"
+                    .into(),
+            );
+        }
         if self.curve.is_none() && !self.insecure {
-            for (flag, endpoint) in [("pub-bind", &self.pub_bind), ("sub-bind", &self.sub_bind)] {
+            let all = [
+                ("pub-bind", &self.pub_bind),
+                ("sub-bind", &self.sub_bind),
+                ("xpub-bind", &self.xpub_bind),
+            ];
+            for (flag, endpoint) in all.iter().flat_map(|(f, e)| e.iter().map(move |e| (f, e))) {
                 if !is_local(endpoint) {
                     return invalid(format!(
                         "--{flag} {endpoint} is reachable from other machines, and without CURVE \
@@ -620,6 +659,34 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// Endpoint lists in TOML: one endpoint may be written as a string, several
+/// as a list; written back the same way, so a one-endpoint configuration
+/// reads as it always did.
+mod endpoints {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(endpoint) => vec![endpoint],
+            OneOrMany::Many(endpoints) => endpoints,
+        })
+    }
+
+    pub(super) fn serialize<S: Serializer>(endpoints: &[String], s: S) -> Result<S::Ok, S::Error> {
+        match endpoints {
+            [one] => s.serialize_str(one),
+            many => s.collect_seq(many),
+        }
     }
 }
 
@@ -720,7 +787,7 @@ mod tests {
         assert_eq!(config.limits.max_filter_len, 101, "file");
         assert_eq!(config.queue.policy, OverflowPolicy::Disconnect, "flag");
         assert_eq!(config.limits.max_subscribers, 100_000, "default");
-        assert_eq!(config.pub_bind, DEFAULT_PUB_BIND, "default");
+        assert_eq!(config.pub_bind, [DEFAULT_PUB_BIND], "default");
 
         let config = parse(&["--config", file]).resolve().unwrap();
         assert_eq!(config.limits.max_topic_len, 100);
@@ -857,7 +924,7 @@ mod tests {
     #[test]
     fn refuses_public_bind_without_curve_unless_insecure() {
         let mut config = Config {
-            pub_bind: "tcp://0.0.0.0:5570".into(),
+            pub_bind: vec!["tcp://0.0.0.0:5570".into()],
             ..Config::default()
         };
         let err = config.validate().unwrap_err().to_string();

@@ -76,7 +76,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         &snapshot.connections.publisher_refusals,
         &snapshot.connections.subscriber_refusals,
     );
-    let labelled: [LabelledCounter; 8] = [
+    let labelled: [LabelledCounter; 10] = [
         (
             "oversize_disconnects",
             "Peers dropped for a message part over max_message_size, by endpoint",
@@ -143,6 +143,24 @@ pub fn render(snapshot: &Snapshot) -> String {
             ],
         ),
         (
+            "xpub_messages",
+            "Messages for the XPUB front's SUB sockets (sent once for all), by outcome",
+            "outcome",
+            vec![("sent", c.xpub_delivered), ("dropped", c.xpub_dropped)],
+        ),
+        (
+            "xpub_notices",
+            "Subscription notices from the XPUB front's SUB sockets, by outcome",
+            "outcome",
+            vec![
+                ("subscribe", c.xpub_subscribes),
+                ("unsubscribe", c.xpub_unsubscribes),
+                ("unknown_unsubscribe", c.xpub_unknown_unsubscribes),
+                ("refused", c.xpub_refused_notices),
+                ("malformed", c.xpub_malformed_notices),
+            ],
+        ),
+        (
             "subscribers_removed",
             "Subscribers the broker forgot, by reason",
             "reason",
@@ -173,7 +191,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     auth.inc_by(snapshot.connections.auth_denied);
     registry.register("auth_denied", "CURVE keys the ZAP handler refused", auth);
 
-    let gauges: [(&str, &str, u64); 10] = [
+    let gauges: [(&str, &str, u64); 12] = [
         (
             "index_heap_bytes",
             "Heap bytes of the routing index",
@@ -219,6 +237,16 @@ pub fn render(snapshot: &Snapshot) -> String {
             "subscriber_connections",
             "Open subscriber connections",
             snapshot.connections.subscribers,
+        ),
+        (
+            "xpub_connections",
+            "Open SUB connections on the XPUB front",
+            snapshot.connections.xpub_subscribers,
+        ),
+        (
+            "xpub_prefixes",
+            "Distinct prefixes the XPUB front's SUB sockets hold",
+            snapshot.xpub_prefixes,
         ),
     ];
     for (name, help, value) in gauges {

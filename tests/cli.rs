@@ -166,7 +166,7 @@ fn settings_come_from_flag_then_environment_then_file_then_default() {
     ];
     let layers = |config: &zbroker::config::Config| {
         (
-            config.sub_bind.clone(),
+            config.sub_bind.join(","),
             config.sub_timeout.as_secs(),
             config.limits.max_topic_len,
             format!("{:?}", config.queue.policy),

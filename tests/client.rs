@@ -146,19 +146,19 @@ fn subscriber_resyncs_after_a_broker_restart() {
                 // Learn a free port from a first bind, then pin it.
                 let probe = TestBroker::start(Transport::Tcp, common::test_config());
                 let port = |e: &str| e.rsplit(':').next().unwrap().to_string();
-                config.pub_bind = format!("tcp://127.0.0.1:{}", port(&probe.pub_endpoint));
-                config.sub_bind = format!("tcp://127.0.0.1:{}", port(&probe.sub_endpoint));
+                config.pub_bind = vec![format!("tcp://127.0.0.1:{}", port(&probe.pub_endpoint))];
+                config.sub_bind = vec![format!("tcp://127.0.0.1:{}", port(&probe.sub_endpoint))];
                 probe.stop();
             }
             Transport::Ipc => {
-                config.pub_bind = format!("ipc://{}/pub", dir.path().display());
-                config.sub_bind = format!("ipc://{}/sub", dir.path().display());
+                config.pub_bind = vec![format!("ipc://{}/pub", dir.path().display())];
+                config.sub_bind = vec![format!("ipc://{}/sub", dir.path().display())];
             }
         }
         let broker = TestBroker::start_on(config.clone(), None);
-        let mut sub = Subscriber::connect_with(&config.sub_bind, quick_options()).unwrap();
+        let mut sub = Subscriber::connect_with(&config.sub_bind[0], quick_options()).unwrap();
         sub.subscribe(&filter("prefix:cfg.")).unwrap();
-        let mut publisher = Publisher::connect(&config.pub_bind).unwrap();
+        let mut publisher = Publisher::connect(&config.pub_bind[0]).unwrap();
         publisher.publish(b"cfg.1", b"before").unwrap();
         assert_eq!(next_message(&mut sub).payload, b"before");
 

@@ -1330,11 +1330,11 @@ fn an_honest_client_can_resubscribe_its_whole_filter_set() {
     for transport in common::TRANSPORTS {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
-            pub_bind: "tcp://127.0.0.1:0".into(),
-            sub_bind: match transport {
+            pub_bind: vec!["tcp://127.0.0.1:0".into()],
+            sub_bind: vec![match transport {
                 common::Transport::Tcp => "tcp://127.0.0.1:0".into(),
                 common::Transport::Ipc => format!("ipc://{}/sub", dir.path().display()),
-            },
+            }],
             linger: Duration::from_millis(100),
             ..Config::default()
         };
@@ -1348,7 +1348,7 @@ fn an_honest_client_can_resubscribe_its_whole_filter_set() {
         broker.stop();
         // The same endpoint again: the client reconnects and re-subscribes.
         let config = Config {
-            sub_bind: endpoint.clone(),
+            sub_bind: vec![endpoint.clone()],
             ..config
         };
         let broker = common::TestBroker::start_on(config, None);

@@ -32,6 +32,8 @@ pub(crate) const SIGNALS: Token = Token(3);
 const ZAP: Token = Token(4);
 const PUBLISHER_MONITOR: Token = Token(5);
 const SUBSCRIBER_MONITOR: Token = Token(6);
+const XPUB: Token = Token(7);
+const XPUB_MONITOR: Token = Token(8);
 
 /// Messages read from one socket before the loop turns to the other, flushes
 /// queues and checks timers: large enough to amortise the poll, small enough
@@ -43,8 +45,10 @@ const BATCH: usize = 512;
 pub(crate) fn poller(
     pull: &zmq::Socket,
     router: &zmq::Socket,
+    xpub: Option<&zmq::Socket>,
     publisher_watch: &Watch,
     subscriber_watch: &Watch,
+    xpub_watch: Option<&Watch>,
     zap: Option<&ZapHandler>,
 ) -> Result<(Poll, Waker), ServerError> {
     let poll = Poll::new().map_err(|e| ServerError::Io("create the poller", e))?;
@@ -66,6 +70,16 @@ pub(crate) fn poller(
     )?;
     if let Some(zap) = zap {
         register(&poll, zmq_call("read ZMQ_FD", zap.socket().get_fd())?, ZAP)?;
+    }
+    if let Some(xpub) = xpub {
+        register(&poll, zmq_call("read ZMQ_FD", xpub.get_fd())?, XPUB)?;
+    }
+    if let Some(watch) = xpub_watch {
+        register(
+            &poll,
+            zmq_call("read ZMQ_FD", watch.socket().get_fd())?,
+            XPUB_MONITOR,
+        )?;
     }
     let waker = Waker::new(poll.registry(), WAKER)
         .map_err(|e| ServerError::Io("create the stop waker", e))?;
@@ -97,11 +111,16 @@ impl Server {
             // began, or a live subscriber could look idle past its expiry.
             let now = Instant::now();
             let busy = self.read_subscribers(now)? == BATCH || busy;
-            let backlogged = self.core.flush(&mut RouterTransport::new(&mut self.router));
+            let busy = self.read_xpub_notices(now)? == BATCH || busy;
+            let backlogged = self.core.flush(&mut RouterTransport::with_xpub(
+                &mut self.router,
+                self.xpub.as_mut(),
+            ));
             if now >= next_tick {
-                next_tick = self
-                    .core
-                    .tick(now, &mut RouterTransport::new(&mut self.router));
+                next_tick = self.core.tick(
+                    now,
+                    &mut RouterTransport::with_xpub(&mut self.router, self.xpub.as_mut()),
+                );
                 self.watch_connections();
                 // Summed over every subscriber pipe: once a tick, not per send.
                 self.libzmq_queued_bytes = get_i64_option(&mut self.router, ZMQ_ZBROKER_OUT_BYTES)
@@ -114,7 +133,11 @@ impl Server {
             // Publishers held back by the backpressure policy wait in
             // libzmq's queues; their input must not keep the loop spinning.
             let publishers_ready = !self.core.publishers_paused() && has_input(&self.pull)?;
-            let timeout = if busy || publishers_ready || has_input(&self.router)? {
+            let notices_ready = match &self.xpub {
+                Some(xpub) => has_input(xpub)?,
+                None => false,
+            };
+            let timeout = if busy || publishers_ready || notices_ready || has_input(&self.router)? {
                 Duration::ZERO
             } else if backlogged {
                 // No per-peer writability event exists for ROUTER; retry soon.
@@ -127,10 +150,9 @@ impl Server {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ServerError::Io("wait for events", e)),
             }
-            if events
-                .iter()
-                .any(|e| [ZAP, PUBLISHER_MONITOR, SUBSCRIBER_MONITOR].contains(&e.token()))
-            {
+            if events.iter().any(|e| {
+                [ZAP, PUBLISHER_MONITOR, SUBSCRIBER_MONITOR, XPUB_MONITOR].contains(&e.token())
+            }) {
                 self.watch_connections();
             }
             if events.iter().any(|e| e.token() == SIGNALS) {
@@ -149,6 +171,34 @@ impl Server {
         }
         self.publisher_watch.drain();
         self.subscriber_watch.drain();
+        if let Some(watch) = self.xpub_watch.as_mut() {
+            watch.drain();
+        }
+    }
+
+    /// Reads up to [`BATCH`] subscription notices from the XPUB front's
+    /// SUB sockets into the core; returns how many.
+    fn read_xpub_notices(&mut self, now: Instant) -> Result<usize, ServerError> {
+        let Some(xpub) = self.xpub.as_mut() else {
+            return Ok(0);
+        };
+        for n in 0..BATCH {
+            match self.overflow_frame.recv(xpub, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => return Ok(n),
+                Err(e) => return Err(ServerError::Zmq("receive from the XPUB front", e)),
+            }
+            // A SUB sends single-part notices; anything longer is not one.
+            if self.overflow_frame.more() {
+                while self.overflow_frame.more() {
+                    zmq_call("receive a message part", self.overflow_frame.recv(xpub, 0))?;
+                }
+                self.core.on_xpub_notice(&[], now);
+                continue;
+            }
+            self.core.on_xpub_notice(self.overflow_frame.bytes(), now);
+        }
+        Ok(BATCH)
     }
 
     /// Reads up to [`BATCH`] publisher messages and routes them; returns
@@ -179,11 +229,13 @@ impl Server {
                 &mut self.publish_frames[..kept],
                 count,
                 now,
-                &mut RouterTransport::new(&mut self.router),
+                &mut RouterTransport::with_xpub(&mut self.router, self.xpub.as_mut()),
             );
         }
-        self.core
-            .send_routed(&mut RouterTransport::new(&mut self.router));
+        self.core.send_routed(&mut RouterTransport::with_xpub(
+            &mut self.router,
+            self.xpub.as_mut(),
+        ));
         Ok(read)
     }
 
@@ -223,7 +275,7 @@ impl Server {
                 &frames[..kept],
                 count - 1,
                 now,
-                &mut RouterTransport::new(&mut self.router),
+                &mut RouterTransport::with_xpub(&mut self.router, self.xpub.as_mut()),
             );
         }
         Ok(BATCH)

@@ -45,11 +45,14 @@ pub struct Server {
     // Field order is drop order: sockets must close before the context.
     pull: zmq::Socket,
     router: zmq::Socket,
+    /// The XPUB front for plain SUB sockets, with `--xpub-bind`.
+    xpub: Option<zmq::Socket>,
     context: zmq::Context,
     poll: Poll,
     core: Broker<Frame>,
-    pub_endpoint: String,
-    sub_endpoint: String,
+    pub_endpoints: Vec<String>,
+    sub_endpoints: Vec<String>,
+    xpub_endpoints: Vec<String>,
     /// How long to keep flushing queues on shutdown.
     linger: Duration,
     stopper: Stopper,
@@ -57,6 +60,7 @@ pub struct Server {
     zap: Option<ZapHandler>,
     publisher_watch: Watch,
     subscriber_watch: Watch,
+    xpub_watch: Option<Watch>,
     _exporter: Option<Exporter>,
     signals: Option<signal_hook_mio::v1_0::Signals>,
     /// Receive buffers reused for every message: topic and payload.
@@ -94,17 +98,27 @@ impl Server {
             None => None,
         };
         let pull = socket::publishers(&context, &config, security.as_ref())?;
-        let pub_endpoint = socket::bind(&pull, "publisher", &config.pub_bind)?;
+        let pub_endpoints = socket::bind_all(&pull, "publisher", &config.pub_bind)?;
         let router = socket::subscribers(&context, &config, security.as_ref())?;
         let publisher_watch = Watch::attach(&context, &pull, "publishers")?;
         let subscriber_watch = Watch::attach(&context, &router, "subscribers")?;
-        let sub_endpoint = socket::bind(&router, "subscriber", &config.sub_bind)?;
+        let sub_endpoints = socket::bind_all(&router, "subscriber", &config.sub_bind)?;
+        let (xpub, xpub_watch, xpub_endpoints) = if config.xpub_bind.is_empty() {
+            (None, None, Vec::new())
+        } else {
+            let xpub = socket::xpub_front(&context, &config)?;
+            let watch = Watch::attach(&context, &xpub, "SUB sockets")?;
+            let endpoints = socket::bind_all(&xpub, "XPUB front", &config.xpub_bind)?;
+            (Some(xpub), Some(watch), endpoints)
+        };
 
         let (poll, waker) = event_loop::poller(
             &pull,
             &router,
+            xpub.as_ref(),
             &publisher_watch,
             &subscriber_watch,
+            xpub_watch.as_ref(),
             zap.as_ref(),
         )?;
         let stats = StatsHandle::default();
@@ -134,22 +148,35 @@ impl Server {
             None => tracing::info!("CURVE off: plaintext, loopback-only unless --insecure"),
         }
 
-        tracing::info!(endpoint = %pub_endpoint, "publishers connect a PUSH socket to");
-        tracing::info!(endpoint = %sub_endpoint, "subscribers connect a DEALER socket to");
+        if xpub.is_some() {
+            core.open_xpub_front();
+        }
+        for endpoint in &pub_endpoints {
+            tracing::info!(%endpoint, "publishers connect a PUSH socket to");
+        }
+        for endpoint in &sub_endpoints {
+            tracing::info!(%endpoint, "subscribers connect a DEALER socket to");
+        }
+        for endpoint in &xpub_endpoints {
+            tracing::info!(%endpoint, "plain SUB sockets connect to");
+        }
         Ok(Server {
             linger,
             pull,
             router,
+            xpub,
             context,
             poll,
             core,
-            pub_endpoint,
-            sub_endpoint,
+            pub_endpoints,
+            sub_endpoints,
+            xpub_endpoints,
             stopper: Stopper::new(waker),
             stats,
             zap,
             publisher_watch,
             subscriber_watch,
+            xpub_watch,
             _exporter: exporter,
             signals: None,
             publish_frames: Default::default(),
@@ -161,14 +188,30 @@ impl Server {
         })
     }
 
-    /// The endpoint publishers connect to, as bound (port resolved).
+    /// The first endpoint publishers connect to, as bound (port resolved).
     pub fn pub_endpoint(&self) -> &str {
-        &self.pub_endpoint
+        &self.pub_endpoints[0]
     }
 
-    /// The endpoint subscribers connect to, as bound (port resolved).
+    /// The first endpoint subscribers connect to, as bound (port resolved).
     pub fn sub_endpoint(&self) -> &str {
-        &self.sub_endpoint
+        &self.sub_endpoints[0]
+    }
+
+    /// Every endpoint publishers can connect to, as bound, in the order
+    /// configured.
+    pub fn pub_endpoints(&self) -> &[String] {
+        &self.pub_endpoints
+    }
+
+    /// Every endpoint subscribers can connect to, as bound.
+    pub fn sub_endpoints(&self) -> &[String] {
+        &self.sub_endpoints
+    }
+
+    /// The XPUB front's endpoints, as bound; empty when it is off.
+    pub fn xpub_endpoints(&self) -> &[String] {
+        &self.xpub_endpoints
     }
 
     /// The server's ZeroMQ context: `inproc://` endpoints are only reachable

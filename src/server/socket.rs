@@ -1,6 +1,7 @@
-//! The broker's two sockets: PULL for publishers, ROUTER for subscribers,
-//! created with the options that bound what a peer can make the broker
-//! hold, and bound to their endpoints.
+//! The broker's sockets: PULL for publishers, ROUTER for subscribers, and
+//! the optional XPUB front for plain SUB sockets, created with the options
+//! that bound what a peer can make the broker hold, and bound to their
+//! endpoints.
 
 use std::ffi::c_int;
 
@@ -103,7 +104,40 @@ pub(crate) fn subscribers(
     Ok(router)
 }
 
-/// What both sockets share: CURVE, heartbeats, and the limits on what a
+/// `ZMQ_XPUB_VERBOSER`: pass every subscribe and unsubscribe notice up,
+/// duplicates and those of closing connections included, so that the
+/// core's count per prefix is exact.
+const ZMQ_XPUB_VERBOSER: c_int = 78;
+
+/// The XPUB front's socket with every option set, not yet bound: plain SUB
+/// sockets connect to it. Never with CURVE (`Config::validate` refuses).
+pub(crate) fn xpub_front(
+    context: &zmq::Context,
+    config: &Config,
+) -> Result<zmq::Socket, ServerError> {
+    let mut xpub = zmq_call("create the XPUB socket", context.socket(zmq::XPUB))?;
+    set_common_options(&mut xpub, config, None, auth::SUBSCRIBER_DOMAIN)?;
+    // A SUB sends only subscription notices: one byte and a prefix.
+    let notice_size = i64::try_from(config.limits.max_filter_len + 1).unwrap_or(i64::MAX);
+    zmq_call("set ZMQ_MAXMSGSIZE", xpub.set_maxmsgsize(notice_size))?;
+    zmq_call(
+        "set ZMQ_XPUB_VERBOSER",
+        set_int_option(&mut xpub, ZMQ_XPUB_VERBOSER, 1),
+    )?;
+    zmq_call("set ZMQ_SNDHWM", xpub.set_sndhwm(config.sub_hwm))?;
+    zmq_call("set ZMQ_RCVHWM", xpub.set_rcvhwm(COMMAND_HWM))?;
+    zmq_call(
+        "set ZMQ_ZBROKER_SNDHWM_BYTES",
+        set_i64_option(&mut xpub, ZMQ_ZBROKER_SNDHWM_BYTES, config.sub_hwm_bytes),
+    )?;
+    zmq_call(
+        "set ZMQ_OUT_BATCH_SIZE (needs libzmq's DRAFT API)",
+        set_int_option(&mut xpub, ZMQ_OUT_BATCH_SIZE, config.io_batch),
+    )?;
+    Ok(xpub)
+}
+
+/// What every socket shares: CURVE, heartbeats, and the limits on what a
 /// peer can send.
 fn set_common_options(
     socket: &mut zmq::Socket,
@@ -146,6 +180,15 @@ fn set_common_options(
     Ok(())
 }
 
+/// Binds `socket` to each of `endpoints`; returns them as bound.
+pub(crate) fn bind_all(
+    socket: &zmq::Socket,
+    role: &'static str,
+    endpoints: &[String],
+) -> Result<Vec<String>, ServerError> {
+    endpoints.iter().map(|e| bind(socket, role, e)).collect()
+}
+
 /// Binds `socket` and returns the endpoint as bound: for `tcp://host:*` or
 /// port 0, with the port the system picked.
 pub(crate) fn bind(
@@ -175,8 +218,8 @@ mod tests {
     #[test]
     fn io_batch_is_set_where_messages_flow_and_only_there() {
         let config = Config {
-            pub_bind: "tcp://127.0.0.1:*".into(),
-            sub_bind: "tcp://127.0.0.1:*".into(),
+            pub_bind: vec!["tcp://127.0.0.1:*".into()],
+            sub_bind: vec!["tcp://127.0.0.1:*".into()],
             io_batch: 24_576,
             ..Config::default()
         };

@@ -40,8 +40,10 @@ impl Server {
         snapshot.connections = Connections {
             publishers: self.publisher_watch.open,
             subscribers: self.subscriber_watch.open,
+            xpub_subscribers: self.xpub_watch.as_ref().map_or(0, |w| w.open),
             handshake_failures: self.publisher_watch.handshake_failures
-                + self.subscriber_watch.handshake_failures,
+                + self.subscriber_watch.handshake_failures
+                + self.xpub_watch.as_ref().map_or(0, |w| w.handshake_failures),
             auth_denied: self.zap.as_ref().map_or(0, |z| z.denied),
             publisher_refusals: self.publisher_watch.refusals.clone(),
             subscriber_refusals: self.subscriber_watch.refusals.clone(),

@@ -14,6 +14,8 @@ use crate::subscribers::RoutingId;
 /// send path.
 pub struct RouterTransport<'a> {
     socket: &'a mut zmq::Socket,
+    /// The XPUB front's socket, when `--xpub-bind` opened one.
+    xpub: Option<&'a mut zmq::Socket>,
     /// The routing-id part of the last send and its bytes: the core sends
     /// each subscriber's deliveries in a row, so the next part usually
     /// shares it instead of building its own.
@@ -25,8 +27,15 @@ pub struct RouterTransport<'a> {
 impl<'a> RouterTransport<'a> {
     /// Sends on `socket`.
     pub fn new(socket: &'a mut zmq::Socket) -> Self {
+        Self::with_xpub(socket, None)
+    }
+
+    /// Sends on `socket`, and what the core routes to the XPUB front on
+    /// `xpub`.
+    pub fn with_xpub(socket: &'a mut zmq::Socket, xpub: Option<&'a mut zmq::Socket>) -> Self {
         RouterTransport {
             socket,
+            xpub,
             last_address: None,
             last_id: RoutingId::new(),
         }
@@ -80,6 +89,29 @@ impl Transport<Frame> for RouterTransport<'_> {
             .and_then(|()| payload.send(self.socket, zmq::DONTWAIT));
         match sent {
             Ok(()) => SendOutcome::Sent,
+            Err(_) => SendOutcome::Unreachable,
+        }
+    }
+
+    /// `[topic, payload]` on the XPUB socket, which hands it to every SUB
+    /// whose prefix matches. Without `ZMQ_XPUB_NODROP` libzmq never refuses
+    /// it: a SUB whose pipe is full loses it (counted by no one but the
+    /// SUB's own gap detection, if it has any).
+    fn to_xpub(&mut self, topic: &[u8], payload: &mut Frame, last_use: bool) -> SendOutcome {
+        let Some(xpub) = self.xpub.as_deref_mut() else {
+            return SendOutcome::Unreachable;
+        };
+        let payload = if last_use {
+            payload.take()
+        } else {
+            payload.share()
+        };
+        let sent = Frame::from_slice(topic)
+            .send(xpub, zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| payload.send(xpub, zmq::DONTWAIT));
+        match sent {
+            Ok(()) => SendOutcome::Sent,
+            Err(zmq::Error::EAGAIN) => SendOutcome::WouldBlock,
             Err(_) => SendOutcome::Unreachable,
         }
     }

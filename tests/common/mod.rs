@@ -87,6 +87,10 @@ pub const TRANSPORTS: [Transport; 2] = [Transport::Tcp, Transport::Ipc];
 pub struct TestBroker {
     pub pub_endpoint: String,
     pub sub_endpoint: String,
+    /// Every endpoint as bound, in the order configured.
+    pub pub_endpoints: Vec<String>,
+    pub sub_endpoints: Vec<String>,
+    pub xpub_endpoints: Vec<String>,
     pub stats: StatsHandle,
     stopper: Stopper,
     thread: Option<JoinHandle<Snapshot>>,
@@ -99,14 +103,14 @@ impl TestBroker {
     pub fn start(transport: Transport, mut config: Config) -> TestBroker {
         let dir = match transport {
             Transport::Tcp => {
-                config.pub_bind = "tcp://127.0.0.1:*".into();
-                config.sub_bind = "tcp://127.0.0.1:*".into();
+                config.pub_bind = vec!["tcp://127.0.0.1:*".into()];
+                config.sub_bind = vec!["tcp://127.0.0.1:*".into()];
                 None
             }
             Transport::Ipc => {
                 let dir = tempfile::tempdir().expect("create a temp dir");
-                config.pub_bind = format!("ipc://{}/pub", dir.path().display());
-                config.sub_bind = format!("ipc://{}/sub", dir.path().display());
+                config.pub_bind = vec![format!("ipc://{}/pub", dir.path().display())];
+                config.sub_bind = vec![format!("ipc://{}/sub", dir.path().display())];
                 Some(dir)
             }
         };
@@ -118,12 +122,18 @@ impl TestBroker {
         let server = Server::bind(config).expect("bind the broker");
         let pub_endpoint = server.pub_endpoint().to_string();
         let sub_endpoint = server.sub_endpoint().to_string();
+        let pub_endpoints = server.pub_endpoints().to_vec();
+        let sub_endpoints = server.sub_endpoints().to_vec();
+        let xpub_endpoints = server.xpub_endpoints().to_vec();
         let stats = server.stats();
         let stopper = server.stopper();
         let thread = std::thread::spawn(move || server.run().expect("broker loop"));
         TestBroker {
             pub_endpoint,
             sub_endpoint,
+            pub_endpoints,
+            sub_endpoints,
+            xpub_endpoints,
             stats,
             stopper,
             thread: Some(thread),
