@@ -537,12 +537,10 @@ class Subscriber:
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
+        # Monitor events are handled by `_maintain`, which the callers run
+        # next: data first keeps the old connection's messages ahead of a
+        # resync.
         ready = dict(poller.poll(timeout_ms))
-        if ready.get(monitor):
-            # Handled by `_maintain`, which the callers run next; reading
-            # data first keeps the old connection's messages ahead of a
-            # resync.
-            pass
         if ready.get(socket):
             if not self._connected:
                 self._on_connected()
