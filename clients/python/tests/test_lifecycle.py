@@ -84,6 +84,8 @@ def test_argument_checks(endpoints: Endpoints, clients: Clients) -> None:
         pub.publish(b"", b"x")
     with pytest.raises(TypeError):
         pub.publish("t", b"x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="heartbeat"):
+        zbroker.Subscriber(endpoints.dead(), heartbeat=10.0, broker_sub_timeout=10.0)
     # One endpoint as a plain string works too.
     sub = clients.subscriber(endpoints.dead())
     assert sub.endpoint.startswith(endpoints.transport)

@@ -150,8 +150,10 @@ class Subscriber:
         context: Optional[zmq.Context[zmq.Socket[bytes]]] = None,
     ) -> None:
         self._endpoints: List[str] = endpoint_list(endpoints)
-        if heartbeat <= 0 or broker_timeout <= heartbeat:
-            raise ValueError("need 0 < heartbeat < broker_timeout")
+        if not 0 < heartbeat < min(broker_timeout, broker_sub_timeout):
+            raise ValueError("need 0 < heartbeat < broker_timeout and broker_sub_timeout")
+        if confirm_timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("confirm_timeout and connect_timeout must be positive")
         self._heartbeat = heartbeat
         self._broker_timeout = broker_timeout
         self._broker_sub_timeout = broker_sub_timeout
