@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import zbroker
 
@@ -19,8 +19,6 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 #: Longest a test waits for anything it expects (generous: a loaded 2-core
 #: CI machine); never what decides pass or fail by itself.
 WAIT = 20.0
-
-T = TypeVar("T")
 
 
 class HarnessError(Exception):
@@ -226,18 +224,3 @@ def drain_until(
         if isinstance(event, zbroker.Message) and stop(event):
             return events
     raise AssertionError(f"too many events before {what}")
-
-
-def bounded(
-    attempt: Callable[[], Optional[T]], what: str, limit: float = WAIT, pause: float = 0.05
-) -> T:
-    """Calls ``attempt`` until it returns something other than None, for at
-    most ``limit`` seconds."""
-    deadline = time.monotonic() + limit
-    while True:
-        result = attempt()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {limit} s waiting for {what}")
-        time.sleep(pause)
