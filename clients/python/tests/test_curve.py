@@ -1,0 +1,62 @@
+"""CURVE: keys from `zbroker keygen`, per-key topic ACLs."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import zbroker
+
+from conftest import BrokerFactory, Clients
+from harness import WAIT, connect_probe
+
+
+def _keygen(binary: Path, path: Path) -> str:
+    subprocess.run(
+        [str(binary), "keygen", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=WAIT,
+    )
+    return (path.parent / (path.name + ".pub")).read_text().strip()
+
+
+def test_curve_keys_and_acl(
+    make_broker: BrokerFactory, clients: Clients, broker_bin: Path, tmp_path: Path
+) -> None:
+    _keygen(broker_bin, tmp_path / "broker.key")
+    sub_public = _keygen(broker_bin, tmp_path / "sub.key")
+    pub_public = _keygen(broker_bin, tmp_path / "pub.key")
+    (tmp_path / "subscribers.keys").write_text(f"{sub_public}  prefix:net.\n")
+    (tmp_path / "publishers.keys").write_text(f"{pub_public}  prefix:\n")
+    broker = make_broker(
+        "--curve-secret-key",
+        str(tmp_path / "broker.key"),
+        "--publisher-keys",
+        str(tmp_path / "publishers.keys"),
+        "--subscriber-keys",
+        str(tmp_path / "subscribers.keys"),
+    )
+    server = tmp_path / "broker.key.pub"
+    sub_keys = zbroker.CurveKeys.from_files(server, tmp_path / "sub.key")
+    assert sub_keys.public == sub_public
+    assert sub_keys.secret not in repr(sub_keys)
+    sub = clients.subscriber(broker.sub_endpoint, curve=sub_keys)
+    sub.subscribe("pattern", b"net.*.port")
+    with pytest.raises(zbroker.BrokerError) as info:
+        sub.subscribe("prefix", b"other.")
+    assert info.value.code == "unauthorized"
+
+    pub = clients.publisher(
+        broker.pub_endpoint, curve=zbroker.CurveKeys.from_files(server, tmp_path / "pub.key")
+    )
+    _, message = connect_probe(pub, sub, b"net.a.port")
+    assert message.topic == b"net.a.port"
+
+    # A client whose key is not listed gets nowhere.
+    stranger = zbroker.CurveKeys.from_files(server, tmp_path / "pub.key")
+    refused = clients.subscriber(broker.sub_endpoint, curve=stranger, confirm_timeout=0.5)
+    with pytest.raises(zbroker.Timeout):
+        refused.subscribe("prefix", b"net.")
