@@ -156,7 +156,15 @@ fn a_scrape_returns_the_rendered_snapshot() {
         "{:?}",
         began.elapsed()
     );
-    assert!(TcpStream::connect(address).is_err(), "still listening");
+    // Bounded retries: CI once saw a connect succeed right after the drop
+    // (the exporter's thread had been joined, so its listener was closed;
+    // most likely the freed port was taken at once by another test's
+    // listener, which a moment later is gone again).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while TcpStream::connect(address).is_ok() {
+        assert!(Instant::now() < deadline, "still listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
