@@ -664,9 +664,163 @@ def index_limits() -> None:
     )
 
 
+# xpub_notices: three config bytes, then operations (see Op::read). Prefixes
+# and topics are Input::text over the target's ALPHABET, not PIECES.
+XPUB_ALPHABET = [b"a", b"b", b"ab", b"."]
+INDEX_BYTES = [1 << 30] * 4 + [0, 100, 300, 600]  # by index, low 3 bits
+
+
+def x_config(
+    max_filter_len: int = 7,
+    max_filters_total: int = 15,
+    per_subscriber: int = 16,
+    index_bytes: int = 1 << 30,
+    late: bool = False,
+) -> bytes:
+    """Byte 0 max_filter_len (% 8), byte 1 max_filters_total (low nibble)
+    and max_filters_per_subscriber - 1 (high nibble), byte 2 the index of
+    max_index_bytes in INDEX_BYTES and, in bit 7, a front that opens only
+    at X_OPEN."""
+    assert 0 <= max_filter_len < 8 and 0 <= max_filters_total < 16, max_filter_len
+    assert 1 <= per_subscriber <= 16, per_subscriber
+    flags = INDEX_BYTES.index(index_bytes) | (0x80 if late else 0)
+    return bytes([max_filter_len, max_filters_total | (per_subscriber - 1) << 4, flags])
+
+
+def x_text(*pieces: bytes, most: int) -> bytes:
+    """Input::text over XPUB_ALPHABET."""
+    assert len(pieces) <= most, pieces
+    return bytes([len(pieces)] + [XPUB_ALPHABET.index(p) for p in pieces])
+
+
+def x_sub(*pieces: bytes) -> bytes:
+    """A SUB socket's subscribe notice, 0x01 + prefix."""
+    return bytes([0]) + x_text(*pieces, most=3)
+
+
+def x_unsub(*pieces: bytes) -> bytes:
+    """A SUB socket's unsubscribe notice, 0x00 + prefix."""
+    return bytes([2]) + x_text(*pieces, most=3)
+
+
+def x_raw(message: bytes) -> bytes:
+    """Any message from the XPUB socket, as a frame."""
+    return bytes([3]) + frame(message)
+
+
+def x_dealer(who: int, subscribe: bool, *pieces: bytes) -> bytes:
+    """DEALER `who` (of 3) sends [SUB|UNSUB, prefix, text]."""
+    return bytes([4 if subscribe else 5, who]) + x_text(*pieces, most=3)
+
+
+def x_pub(*pieces: bytes) -> bytes:
+    """A publish; no pieces is the empty topic, which is malformed."""
+    return bytes([6]) + x_text(*pieces, most=4)
+
+
+X_OPEN = bytes([7])
+
+
+def xpub_notices() -> None:
+    t = "xpub_notices"
+    a, b, ab, dot = b"a", b"b", b"ab", b"."
+    # Two SUBs on "a", one on the empty prefix; unsubscribed one by one,
+    # the last one twice.
+    write(
+        t,
+        "counted",
+        x_config()
+        + x_sub(a)
+        + x_sub(a)
+        + x_sub()
+        + x_pub(a, dot, b)
+        + x_unsub(a)
+        + x_pub(a)
+        + x_unsub(a)
+        + x_pub(a)
+        + x_unsub()
+        + x_unsub()
+        + x_pub(b),
+    )
+    # Front and DEALERs on overlapping prefixes: shared, front-only and
+    # DEALER-only messages, and the empty prefix from a DEALER.
+    write(
+        t,
+        "dealers_interleaved",
+        x_config()
+        + x_dealer(0, True, a)
+        + x_sub(a, dot)
+        + x_pub(a, dot, b)
+        + x_pub(ab)
+        + x_dealer(0, False, a)
+        + x_pub(a, dot)
+        + x_dealer(1, True)
+        + x_sub(b)
+        + x_dealer(2, True, b)
+        + x_pub(b, dot)
+        + x_dealer(1, False)
+        + x_dealer(1, False)
+        + x_pub(),
+    )
+    # max_filter_len 2, three filters in all, one per DEALER: refusals by
+    # length and by count, a held prefix counted past the limit, and
+    # malformed notices.
+    write(
+        t,
+        "limits",
+        x_config(max_filter_len=2, max_filters_total=3, per_subscriber=1)
+        + x_sub(ab, dot)
+        + x_sub(a)
+        + x_sub(b)
+        + x_dealer(0, True, ab)
+        + x_sub(dot)
+        + x_sub(a)
+        + x_dealer(0, True, a)
+        + x_dealer(1, True, ab, dot)
+        + x_unsub(a)
+        + x_unsub(a)
+        + x_sub(dot)
+        + x_raw(b"")
+        + x_raw(b"\x02a")
+        + x_raw(b"\xffab")
+        + x_raw(b"\x01abcdefgh")
+        + x_pub(a, b),
+    )
+    # max_index_bytes of about one prefix: the empty prefix costs none.
+    write(
+        t,
+        "index_bytes",
+        x_config(index_bytes=100)
+        + x_sub()
+        + x_sub(a)
+        + x_sub(b)
+        + x_sub(ab)
+        + x_dealer(0, True, dot)
+        + x_unsub(a)
+        + x_sub(ab)
+        + x_pub(ab),
+    )
+    # The front opens after a DEALER subscribed; notices before are
+    # malformed and uncounted; opening twice changes nothing.
+    write(
+        t,
+        "opens_late",
+        x_config(late=True)
+        + x_dealer(0, True, a)
+        + x_sub(a)
+        + x_pub(a)
+        + X_OPEN
+        + x_sub(a)
+        + x_pub(a)
+        + X_OPEN
+        + x_pub(a, b),
+    )
+
+
 if __name__ == "__main__":
     publish_frames()
     subscriber_commands()
     routing_model()
     broker_session()
     index_limits()
+    xpub_notices()
