@@ -13,8 +13,9 @@ use hashbrown::HashMap;
 use super::queues::reply_bound;
 use super::transport::send_reply;
 use super::{Broker, Hex, Payload, SendOutcome, Transport};
+use crate::config::Limits;
 use crate::filter::Filter;
-use crate::index::SubId;
+use crate::index::{RoutingIndex, SubId};
 use crate::protocol::{self, Command, CommandError, ErrorCode};
 use crate::subscribers::{Queued, Reply};
 
@@ -128,18 +129,8 @@ impl<P: Payload> Broker<P> {
                     "this key's subscribers hold its limit of {} filters",
                     limits.max_filters_per_key
                 ))
-            } else if self.index.heap_bytes() >= limits.max_index_bytes {
-                Some(format!(
-                    "the broker's routing index holds its limit of {} bytes",
-                    limits.max_index_bytes
-                ))
-            } else if self.index.len() >= limits.max_filters_total {
-                Some(format!(
-                    "the broker holds its limit of {} filters",
-                    limits.max_filters_total
-                ))
             } else {
-                None
+                index_full(&self.index, limits)
             };
             if let Some(text) = refusal {
                 self.counters.refused_limit += 1;
@@ -228,5 +219,23 @@ pub(super) fn release_key_filters(map: &mut HashMap<Box<str>, usize>, key: &str,
         if *held == 0 {
             map.remove(key);
         }
+    }
+}
+
+/// Why the routing index takes no new filter, from anyone: its heap holds
+/// `max_index_bytes`, or it holds `max_filters_total` filters.
+pub(super) fn index_full(index: &RoutingIndex, limits: &Limits) -> Option<String> {
+    if index.heap_bytes() >= limits.max_index_bytes {
+        Some(format!(
+            "the broker's routing index holds its limit of {} bytes",
+            limits.max_index_bytes
+        ))
+    } else if index.len() >= limits.max_filters_total {
+        Some(format!(
+            "the broker holds its limit of {} filters",
+            limits.max_filters_total
+        ))
+    } else {
+        None
     }
 }

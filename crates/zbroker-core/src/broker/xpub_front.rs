@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use hashbrown::HashMap;
 
+use super::commands::index_full;
 use super::{Broker, Payload, SendOutcome, Transport};
 use crate::filter::{Filter, FilterKind};
 use crate::index::SubId;
@@ -158,18 +159,8 @@ impl<P: Payload> Broker<P> {
                         prefix.len(),
                         limits.max_filter_len
                     ))
-                } else if self.index.heap_bytes() >= limits.max_index_bytes {
-                    Some(format!(
-                        "the routing index holds its limit of {} bytes",
-                        limits.max_index_bytes
-                    ))
-                } else if self.index.len() >= limits.max_filters_total {
-                    Some(format!(
-                        "the broker holds its limit of {} filters",
-                        limits.max_filters_total
-                    ))
                 } else {
-                    None
+                    index_full(&self.index, limits)
                 };
                 match (refusal, Filter::new(FilterKind::Prefix, prefix, usize::MAX)) {
                     (None, Ok(filter)) => {
