@@ -87,35 +87,13 @@ use std::rc::Rc;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use common::{Input, PIECES};
+use common::{Bytes, Input, PIECES};
 use libfuzzer_sys::fuzz_target;
 use zbroker_core::broker::{Broker, Payload, SendOutcome, Transport};
 use zbroker_core::config::{BrokerConfig, OverflowPolicy};
 use zbroker_core::filter::{Filter, FilterKind};
 use zbroker_core::protocol::{self, Command, ErrorCode, PublishError};
 use zbroker_core::subscribers::{Queued, Reply, Subscriber};
-
-/// A message part whose `take` really empties it, as a `Frame`'s does, so
-/// a part read after the core gave it away shows as a wrong delivery or a
-/// wrong byte count.
-#[derive(Debug)]
-struct Bytes(Rc<[u8]>);
-
-thread_local! {
-    static EMPTY: Rc<[u8]> = Rc::from(&[][..]);
-}
-
-impl Payload for Bytes {
-    fn bytes(&self) -> &[u8] {
-        &self.0
-    }
-    fn share(&mut self) -> Self {
-        Bytes(Rc::clone(&self.0))
-    }
-    fn take(&mut self) -> Self {
-        Bytes(std::mem::replace(&mut self.0, EMPTY.with(Rc::clone)))
-    }
-}
 
 impl std::ops::Deref for Bytes {
     type Target = [u8];

@@ -8,6 +8,32 @@
 
 #![allow(dead_code)] // each target uses a different subset
 
+use std::rc::Rc;
+
+use zbroker_core::broker::Payload;
+
+/// A message part whose `take` really empties it, as a `Frame`'s does, so
+/// a part read after the core gave it away shows as a wrong payload, a
+/// wrong delivery or a wrong byte count.
+#[derive(Debug)]
+pub struct Bytes(pub Rc<[u8]>);
+
+thread_local! {
+    static EMPTY: Rc<[u8]> = Rc::from(&[][..]);
+}
+
+impl Payload for Bytes {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn share(&mut self) -> Self {
+        Bytes(Rc::clone(&self.0))
+    }
+    fn take(&mut self) -> Self {
+        Bytes(std::mem::replace(&mut self.0, EMPTY.with(Rc::clone)))
+    }
+}
+
 /// A cursor over the fuzz input.
 pub struct Input<'a> {
     data: &'a [u8],

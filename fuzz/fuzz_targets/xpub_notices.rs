@@ -65,7 +65,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Instant;
 
-use common::Input;
+use common::{Bytes, Input};
 use libfuzzer_sys::fuzz_target;
 use zbroker_core::broker::{Broker, NoticeOutcome, Payload, SendOutcome, Transport};
 use zbroker_core::config::BrokerConfig;
@@ -84,27 +84,6 @@ const DEALERS: [&[u8]; 3] = [b"\0A", b"\0B", b"\0C"];
 /// few prefixes' worth (a prefix costs about 100 heap bytes, the empty one
 /// none).
 const INDEX_BYTES: [usize; 8] = [1 << 30, 1 << 30, 1 << 30, 1 << 30, 0, 100, 300, 600];
-
-/// A message part whose `take` really empties it, as a `Frame`'s does, so
-/// a part read after the core gave it away shows as a wrong payload.
-#[derive(Debug)]
-struct Bytes(Rc<[u8]>);
-
-thread_local! {
-    static EMPTY: Rc<[u8]> = Rc::from(&[][..]);
-}
-
-impl Payload for Bytes {
-    fn bytes(&self) -> &[u8] {
-        &self.0
-    }
-    fn share(&mut self) -> Self {
-        Bytes(Rc::clone(&self.0))
-    }
-    fn take(&mut self) -> Self {
-        Bytes(std::mem::replace(&mut self.0, EMPTY.with(Rc::clone)))
-    }
-}
 
 #[derive(Debug)]
 enum Event {
