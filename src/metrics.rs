@@ -187,6 +187,13 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Replies dropped because a subscriber did not read",
         replies,
     );
+    let sub_drops = Counter::<u64>::default();
+    sub_drops.inc_by(snapshot.xpub_sub_drops);
+    registry.register(
+        "xpub_sub_drops",
+        "Messages libzmq dropped for a SUB on the XPUB front whose pipe was full, per message and SUB",
+        sub_drops,
+    );
     let auth = Counter::<u64>::default();
     auth.inc_by(snapshot.connections.auth_denied);
     registry.register("auth_denied", "CURVE keys the ZAP handler refused", auth);

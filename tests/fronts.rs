@@ -226,3 +226,40 @@ fn the_xpub_front_refuses_curve_and_endpoint_lists_parse() {
         "{err}"
     );
 }
+
+#[test]
+fn what_a_slow_sub_loses_is_counted() {
+    const MESSAGES: u64 = 20_000;
+    let mut config = common::test_config();
+    config.pub_bind = vec!["tcp://127.0.0.1:*".into()];
+    config.sub_bind = vec!["tcp://127.0.0.1:*".into()];
+    config.xpub_bind = vec!["tcp://127.0.0.1:*".into()];
+    config.sub_hwm = 10;
+    let broker = TestBroker::start_on(config, None);
+    let ctx = zmq::Context::new();
+    let push = publisher(&ctx, &broker.pub_endpoint);
+    let slow = sub_socket(&ctx, &broker.xpub_endpoints[0], &[b"x"]);
+    slow.set_rcvhwm(10).unwrap();
+    assert!(handshake(&slow, &push, b"probe").is_empty());
+    let payload = vec![0u8; 1024];
+    for _ in 0..MESSAGES {
+        publish(&push, b"x", &payload);
+    }
+    // Every message either reaches the SUB or is counted as dropped for it:
+    // read until the two add up (the drop count is published every tick).
+    let deadline = Instant::now() + DEADLINE;
+    let mut received = 0u64;
+    loop {
+        while slow.recv_multipart(0).is_ok() {
+            received += 1;
+        }
+        let drops = broker.stats.snapshot().xpub_sub_drops;
+        if received + drops == MESSAGES && drops > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && received + drops <= MESSAGES,
+            "received {received} + dropped {drops} != {MESSAGES}"
+        );
+    }
+}

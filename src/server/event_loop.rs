@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::Server;
 use super::error::{ServerError, zmq_call};
 use super::monitor::Watch;
-use super::socket::ZMQ_ZBROKER_OUT_BYTES;
+use super::socket::{ZMQ_ZBROKER_DROPPED, ZMQ_ZBROKER_OUT_BYTES};
 use super::transport::RouterTransport;
 use crate::auth::ZapHandler;
 use crate::ffi::get_i64_option;
@@ -125,6 +125,10 @@ impl Server {
                 // Summed over every subscriber pipe: once a tick, not per send.
                 self.libzmq_queued_bytes = get_i64_option(&mut self.router, ZMQ_ZBROKER_OUT_BYTES)
                     .map_or(0, |bytes| bytes.max(0) as u64);
+                if let Some(xpub) = self.xpub.as_mut() {
+                    self.xpub_sub_drops = get_i64_option(xpub, ZMQ_ZBROKER_DROPPED)
+                        .map_or(self.xpub_sub_drops, |drops| drops.max(0) as u64);
+                }
                 self.stats.publish(self.snapshot());
             }
             if self.stopper.is_requested() {

@@ -77,6 +77,8 @@ pub struct Server {
     authenticated: bool,
     /// libzmq's `ZMQ_ZBROKER_OUT_BYTES` on the ROUTER as of the last tick.
     libzmq_queued_bytes: u64,
+    /// libzmq's `ZMQ_ZBROKER_DROPPED` on the XPUB as of the last tick.
+    xpub_sub_drops: u64,
 }
 
 impl Server {
@@ -185,6 +187,7 @@ impl Server {
             user_id: String::new(),
             authenticated: zap_on,
             libzmq_queued_bytes: 0,
+            xpub_sub_drops: 0,
         })
     }
 

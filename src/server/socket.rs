@@ -31,6 +31,8 @@ const ZMQ_ZBROKER_RCVHWM_BYTES: c_int = 1003;
 const ZMQ_ZBROKER_MAX_CONNECTIONS: c_int = 1004;
 /// Read-only: the bytes queued in all of a socket's outgoing pipes.
 pub(crate) const ZMQ_ZBROKER_OUT_BYTES: c_int = 1005;
+/// Read-only: messages an XPUB dropped for a full SUB, per message and SUB.
+pub(crate) const ZMQ_ZBROKER_DROPPED: c_int = 1006;
 
 /// Most parts a message from any peer may have. Protocol v1's longest
 /// message has three; the broker reads the extra parts of a longer one and

@@ -49,6 +49,7 @@ impl Server {
             subscriber_refusals: self.subscriber_watch.refusals.clone(),
         };
         snapshot.libzmq_queued_bytes = self.libzmq_queued_bytes;
+        snapshot.xpub_sub_drops = self.xpub_sub_drops;
         snapshot
     }
 }

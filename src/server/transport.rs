@@ -95,8 +95,8 @@ impl Transport<Frame> for RouterTransport<'_> {
 
     /// `[topic, payload]` on the XPUB socket, which hands it to every SUB
     /// whose prefix matches. Without `ZMQ_XPUB_NODROP` libzmq never refuses
-    /// it: a SUB whose pipe is full loses it (counted by no one but the
-    /// SUB's own gap detection, if it has any).
+    /// it: a SUB whose pipe is full loses it, and this build's libzmq
+    /// counts that (`ZMQ_ZBROKER_DROPPED`, read once a tick).
     fn to_xpub(&mut self, topic: &[u8], payload: &mut Frame, last_use: bool) -> SendOutcome {
         let Some(xpub) = self.xpub.as_deref_mut() else {
             return SendOutcome::Unreachable;

@@ -109,6 +109,9 @@ pub struct Snapshot {
     pub libzmq_queued_bytes: u64,
     /// Distinct prefixes the XPUB front's SUB sockets hold now.
     pub xpub_prefixes: u64,
+    /// Messages libzmq's XPUB dropped for a SUB whose pipe was full, one
+    /// per message and SUB, since start (zero in the bare core).
+    pub xpub_sub_drops: u64,
     /// Connection-level figures the event loop adds (zero in the bare core).
     pub connections: Connections,
 }

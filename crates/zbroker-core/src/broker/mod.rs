@@ -369,6 +369,7 @@ impl<P: Payload> Broker<P> {
             index_heap_bytes: self.index.heap_bytes() as u64,
             libzmq_queued_bytes: 0,
             xpub_prefixes: self.xpub_prefixes() as u64,
+            xpub_sub_drops: 0,
         }
     }
 

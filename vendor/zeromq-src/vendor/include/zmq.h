@@ -698,6 +698,10 @@ ZMQ_EXPORT void zmq_threadclose (void *thread_);
 #define ZMQ_ZBROKER_MAX_CONNECTIONS 1004
 /*  int64, read only: bytes queued now in the socket's outbound pipes.      */
 #define ZMQ_ZBROKER_OUT_BYTES 1005
+/*  int64, read only: messages an XPUB (or PUB) socket dropped since it was
+    created because a matching peer's pipe was full, one per message and
+    peer. 0 for socket types that never drop silently.                      */
+#define ZMQ_ZBROKER_DROPPED 1006
 /*  Monitor event: a peer was refused. Value: 1 a part over ZMQ_MAXMSGSIZE,
     2 a message over ZMQ_ZBROKER_MAXMSGPARTS parts, 3 a connection over
     ZMQ_ZBROKER_MAX_CONNECTIONS, 4 a peer whose routing id starts with 0x00

@@ -28,6 +28,7 @@
 */
 
 #include "precompiled.hpp"
+#include <algorithm>
 #include "dist.hpp"
 #include "pipe.hpp"
 #include "err.hpp"
@@ -38,7 +39,8 @@ zmq::dist_t::dist_t () :
     _matching (0),
     _active (0),
     _eligible (0),
-    _more (false)
+    _more (false),
+    _dropped (0)
 {
 }
 
@@ -71,8 +73,11 @@ void zmq::dist_t::match (pipe_t *pipe_)
         return;
 
     //  If the pipe isn't eligible, ignore it.
-    if (_pipes.index (pipe_) >= _eligible)
+    //  zbroker: and remember it: the message is dropped for it.
+    if (_pipes.index (pipe_) >= _eligible) {
+        _ineligible.push_back (pipe_);
         return;
+    }
 
     //  Mark the pipe as matching.
     _pipes.swap (_pipes.index (pipe_), _matching);
@@ -97,6 +102,7 @@ void zmq::dist_t::reverse_match ()
 
 void zmq::dist_t::unmatch ()
 {
+    _ineligible.clear ();
     _matching = 0;
 }
 
@@ -211,9 +217,22 @@ bool zmq::dist_t::has_out ()
     return true;
 }
 
+void zmq::dist_t::count_ineligible ()
+{
+    //  A pipe matched by several subscriptions is listed once per match.
+    std::sort (_ineligible.begin (), _ineligible.end ());
+    _dropped += static_cast<uint64_t> (
+      std::unique (_ineligible.begin (), _ineligible.end ())
+      - _ineligible.begin ());
+    _ineligible.clear ();
+}
+
 bool zmq::dist_t::write (pipe_t *pipe_, msg_t *msg_)
 {
     if (!pipe_->write (msg_)) {
+        //  zbroker: a first part refused drops the whole message.
+        if (!_more)
+            _dropped++;
         _pipes.swap (_pipes.index (pipe_), _matching - 1);
         _matching--;
         _pipes.swap (_pipes.index (pipe_), _active - 1);

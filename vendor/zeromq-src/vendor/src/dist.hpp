@@ -78,6 +78,12 @@ class dist_t
     // check HWM of all pipes matching
     bool check_hwm ();
 
+    //  zbroker: messages dropped for a matching pipe that was full, one per
+    //  (message, pipe); count_ineligible () adds the pipes match () found
+    //  full since the last unmatch (), each once.
+    uint64_t dropped () const { return _dropped; }
+    void count_ineligible ();
+
   private:
     //  Write the message to the pipe. Make the pipe inactive if writing
     //  fails. In such a case false is returned.
@@ -107,6 +113,10 @@ class dist_t
 
     //  True if last we are in the middle of a multipart message.
     bool _more;
+
+    //  zbroker: see dropped ().
+    uint64_t _dropped;
+    std::vector<pipe_t *> _ineligible;
 
     ZMQ_NON_COPYABLE_NOR_MOVABLE (dist_t)
 };

@@ -471,6 +471,11 @@ int zmq::socket_base_t::getsockopt (int option_,
         return do_getsockopt<int64_t> (optval_, optvallen_, queued);
     }
 
+    if (option_ == ZMQ_ZBROKER_DROPPED) {
+        return do_getsockopt<int64_t> (
+          optval_, optvallen_, static_cast<int64_t> (zbroker_dropped ()));
+    }
+
     if (option_ == ZMQ_FD) {
         if (_thread_safe) {
             // thread safe socket doesn't provide file descriptor

@@ -189,6 +189,10 @@ class socket_base_t : public own_t,
     xsetsockopt (int option_, const void *optval_, size_t optvallen_);
 
     //  The default implementation assumes that send is not supported.
+    //  zbroker: messages the socket type dropped for a full peer, for
+    //  ZMQ_ZBROKER_DROPPED (0 where it never drops silently).
+    virtual uint64_t zbroker_dropped () const { return 0; }
+
     virtual bool xhas_out ();
     virtual int xsend (zmq::msg_t *msg_);
 

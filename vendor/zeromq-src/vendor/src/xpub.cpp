@@ -314,6 +314,8 @@ int zmq::xpub_t::xsend (msg_t *msg_)
         if (options.invert_matching) {
             _dist.reverse_match ();
         }
+        //  zbroker: count the matching pipes that were full.
+        _dist.count_ineligible ();
     }
 
     int rc = -1; //  Assume we fail

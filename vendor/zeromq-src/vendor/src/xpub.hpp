@@ -62,6 +62,8 @@ class xpub_t : public socket_base_t
     void xwrite_activated (zmq::pipe_t *pipe_) ZMQ_FINAL;
     int
     xsetsockopt (int option_, const void *optval_, size_t optvallen_) ZMQ_FINAL;
+    //  zbroker: messages dropped for a SUB whose pipe was full.
+    uint64_t zbroker_dropped () const ZMQ_FINAL { return _dist.dropped (); }
     void xpipe_terminated (zmq::pipe_t *pipe_) ZMQ_FINAL;
 
   private:
