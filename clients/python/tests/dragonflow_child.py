@@ -3,10 +3,7 @@ Dragonflow's services are, for tests/test_dragonflow_green.py.
 
 Reads JSON commands from stdin, one a line, and answers each with one JSON
 line on stdout: ``{"ok": result}`` or ``{"error": text}``. Each command waits
-boundedly (harness.WAIT). Ends at ``close`` or at the end of its input.
-
-``--pub-sub-api FILE`` loads FILE as ``dragonflow.db.pub_sub_api`` in place
-of the installed module (Dragonflow master's base classes)."""
+boundedly (harness.WAIT). Ends at ``close`` or at the end of its input."""
 
 from __future__ import annotations
 
@@ -14,22 +11,8 @@ import eventlet
 
 eventlet.monkey_patch()
 
-import importlib.machinery  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-
-if sys.argv[1:2] == ["--pub-sub-api"]:
-    import dragonflow.db
-
-    _loader = importlib.machinery.SourceFileLoader("dragonflow.db.pub_sub_api", sys.argv[2])
-    _spec = importlib.util.spec_from_loader(_loader.name, _loader)
-    assert _spec is not None
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_loader.name] = _module
-    _loader.exec_module(_module)
-    dragonflow.db.pub_sub_api = _module
-
 import time  # noqa: E402
 import traceback  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
