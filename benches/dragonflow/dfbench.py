@@ -67,6 +67,11 @@ class StopRequestedError(Exception):
 
 
 def _on_term(signo, _frame):
+    # Once: the cleanup that follows (stopping children and the system under
+    # test) must not be cut short by the next signal (a terminal's Ctrl-C
+    # reaches the whole process group, and the wrapper script sends TERM).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise StopRequestedError(f"signal {signo}")
 
 
@@ -133,8 +138,12 @@ class Session:
         for conn in self.pconns + self.rconns:
             with contextlib.suppress(OSError):
                 conn.send(("quit",))
+        # One deadline for all: a publisher in the middle of a run (after an
+        # interrupt) reads no command until the run ends, so it is killed.
+        deadline = time.monotonic() + 3.0
         for p in self.publishers + self.receivers:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.publishers + self.receivers:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
@@ -505,7 +514,7 @@ def render(doc: Dict[str, Any]) -> str:
         f"- Python {m['python']}, pyzmq {m['pyzmq']} (libzmq {m['libzmq (pyzmq)']}), "
         f"msgpack {m['msgpack']}, redis-py {m['redis-py']}, hiredis {m['hiredis']}; "
         f"{m['redis-server']}",
-        f"- zbroker: {doc['zbroker_version']}, commit {doc['zbroker_rev']}",
+        f"- zbroker: {doc['zbroker_version']}: {doc['zbroker_rev']}",
         f"- load: {a['publishers']} publisher processes (forked), {subs:,} subscribers in "
         f"{a['receivers']} receiver processes (subscriber i in process i mod {a['receivers']}, "
         f"about {subs // a['receivers']} sockets each), each subscriber on 'D' + {per} of "
@@ -567,10 +576,11 @@ def render(doc: Dict[str, Any]) -> str:
         f"Idle: the same with every subscriber connected and nothing published for "
         f"{a.get('idle_s', 2.0):.0f} s (the receivers' includes their 100 ms sweeps).",
         "",
-        "| system | flat out: delivered/s | flat out: lost | events/s sent (measured runs) | "
+        "| system | flat out: delivered/s | flat out: lost | measured runs: delivered/s, min-max | "
+        "events/s sent (measured runs) | "
         "broker cores | receivers' cores | receivers' µs CPU per delivery | publishers' cores | "
         "idle: broker / receivers' cores |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in doc["results"]:
         if "summary" not in r:
@@ -582,8 +592,10 @@ def render(doc: Dict[str, Any]) -> str:
             fl += f"; seq gaps {f['seq_gaps']:,}"
         if f.get("redis_closed_subscribers"):
             fl += f"; {f['redis_closed_subscribers']} subscribers disconnected"
+        rates = [x["deliveries_per_s"] for x in r["runs"]]
         out.append(
-            f"| {r['label']} | {_k(f['deliveries_per_s'])} | {fl} | {s['events_per_s']:.0f} | "
+            f"| {r['label']} | {_k(f['deliveries_per_s'])} | {fl} | "
+            f"{_k(min(rates))}-{_k(max(rates))} | {s['events_per_s']:.0f} | "
             f"{s['broker_cores']:.2f} | {s['rx_cores']:.2f} | {s['rx_us_per_delivery']:.2f} | "
             f"{s['pub_cores']:.2f} | {s['idle_broker_cores']:.3f} / {s['idle_rx_cores']:.3f} |"
         )
@@ -666,8 +678,9 @@ def notes(doc: Dict[str, Any]) -> List[str]:
         "- Noise: the machine is shared (see the load averages above) and has 2 cores for "
         "everything: the broker, 4 receiver and 8 publisher processes, and other sessions' "
         "builds. Systems are run round-robin (round k of each before round k + 1 of any), each "
-        "round on a fresh instance, so drifts in load fall on all; expect ±30 % run to run "
-        "and more on p99. Ratios and CPU per delivery are the meaningful parts."
+        "round on a fresh instance, so drifts in load fall on all; the spread of the measured "
+        "runs is in the second table (a factor of two is not unusual here), p99 varies more. "
+        "Ratios and CPU per delivery are the meaningful parts."
     )
     return out
 
