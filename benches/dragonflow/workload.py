@@ -148,10 +148,13 @@ def make_templates(
         empty = len(pack_event(TS_PLACEHOLDER, table, key, action, "", topic))
         value = _value(rng, table, key, topic, max(target - empty - 3, 0))
         data = pack_event(TS_PLACEHOLDER, table, key, action, value, topic)
-        # msgpack str headers are 1, 2 or 3 bytes: trim to the exact target.
-        over = len(data) - target
-        if over > 0 and len(value) > over:
-            value = value[: len(value) - over]
+        # msgpack str headers are 1, 2 or 3 bytes: adjust to the exact target
+        # (a header changing size on the way can take a step or two more).
+        for _ in range(8):
+            diff = target - len(data)
+            if diff == 0 or len(value) + diff < 0:
+                break
+            value = value + " " * diff if diff > 0 else value[:diff]
             data = pack_event(TS_PLACEHOLDER, table, key, action, value, topic)
         assert data[TS_OFFSET - 1] == 0xCF, "ts must be a msgpack uint64 at a fixed offset"
         idx.append(t)
