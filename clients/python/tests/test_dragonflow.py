@@ -330,3 +330,43 @@ def test_close_stops_the_thread(make_broker: BrokerFactory, df: Dragonflow) -> N
     subscriber.close()
     publisher.close()
     publisher.close()
+
+
+# Dragonflow master's abstract interface, as read in openstack/dragonflow's
+# dragonflow/db/pub_sub_api.py at 4dc36ed6 (master is not on the package
+# registry, and its code is not copied here): what a driver must provide
+# there beyond 4.0.0. `is_running` is an abstract property on master,
+# `is_daemonize` one on 4.0.0; master's SubscriberAgentBase starts with
+# `daemon = None` and starts no thread before `daemonize()`.
+MASTER_PUBLISHER = ("initialize", "_send_event", "close")
+MASTER_SUBSCRIBER = (
+    "initialize",
+    "register_listen_address",
+    "unregister_listen_address",
+    "daemonize",
+    "close",
+    "register_topic",
+    "unregister_topic",
+    "run",
+)
+
+
+def test_the_driver_provides_dragonflow_masters_interface() -> None:
+    import inspect
+
+    from zbroker.dragonflow import ZbrokerPublisherAgent, ZbrokerSubscriberAgent
+
+    for cls, names in (
+        (ZbrokerPublisherAgent, MASTER_PUBLISHER),
+        (ZbrokerSubscriberAgent, MASTER_SUBSCRIBER),
+    ):
+        for name in names:
+            assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name}"
+            assert not getattr(getattr(cls, name), "__isabstractmethod__", False), name
+    for name in ("is_running", "is_daemonize"):
+        assert isinstance(inspect.getattr_static(ZbrokerSubscriberAgent, name), property), name
+    subscriber = ZbrokerSubscriberAgent()
+    subscriber.daemon = None  # as master's base leaves it before daemonize()
+    assert subscriber.is_running is False
+    assert subscriber.is_daemonize is False
+    subscriber.close()
