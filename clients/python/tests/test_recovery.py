@@ -192,8 +192,18 @@ def test_a_stalled_client_resubscribes(make_broker: BrokerFactory, clients: Clie
     # broker's --sub-timeout (as the client was told it is): the scenario,
     # not a synchronisation.
     time.sleep(1.5)
+    # Wait for the Resync before probing: a probe published now could still
+    # reach the old connection (the broker need not have forgotten it yet),
+    # and messages of the old connection rightly come before the Resync.
+    before: List[zbroker.Event] = []
+    deadline = time.monotonic() + WAIT
+    while Resync(ResyncReason.STALLED) not in before:
+        assert time.monotonic() < deadline, f"no Resync after a stall: {before!r}"
+        event = sub.recv(timeout=0.1)
+        if event is not None:
+            before.append(event)
     events, first = connect_probe(pub, sub, b"x.after")
-    _one_resync(events, first, ResyncReason.STALLED, b"x.before")
+    _one_resync(before + events, first, ResyncReason.STALLED, b"x.before")
 
 
 def test_subscribe_during_an_outage_completes_once_the_broker_is_back(

@@ -382,8 +382,11 @@ class Subscriber:
         now = time.monotonic()
         since_tick = now - self._last_tick
         self._last_tick = now
+        # Anything heard on this socket proves its handshake, even before the
+        # monitor's event for it has been read (under load, it can come later).
+        handshaken = self._connected or self._last_heard > self._opened_at
         if (
-            self._connected
+            handshaken
             and self._filters
             and (since_tick >= self._broker_sub_timeout - self._heartbeat)
         ):
