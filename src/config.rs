@@ -38,7 +38,7 @@ use clap::{ArgMatches, Args, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
 pub use zbroker_core::config::{
-    BrokerConfig, Limits, MAX_LENGTH_SETTING, MAX_MESSAGE_SIZE_SETTING,
+    BrokerConfig, ClusterConfig, Limits, MAX_LENGTH_SETTING, MAX_MESSAGE_SIZE_SETTING,
     MAX_PATTERN_SEGMENTS_SETTING, OverflowPolicy, QueueConfig,
 };
 
@@ -179,6 +179,9 @@ pub struct Config {
     /// Per-subscriber pending queues for when libzmq's pipe is full.
     #[command(flatten, next_help_heading = "Queues, [queue] in a config file")]
     pub queue: QueueConfig,
+    /// A cluster of brokers (docs/CLUSTERING.md); off unless `bind` is set.
+    #[command(flatten, next_help_heading = "Cluster, [cluster] in a config file")]
+    pub cluster: ClusterConfig,
     /// CURVE encryption, authentication and topic ACLs; off when `None`.
     #[command(flatten, next_help_heading = "CURVE, [curve] in a config file")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -205,6 +208,7 @@ impl Default for Config {
             metrics_bind: None,
             curve: None,
             insecure: false,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -342,6 +346,14 @@ fn key_paths() -> HashMap<String, KeyPath> {
     let complete = Config {
         metrics_bind: Some(String::new()),
         xpub_bind: vec![String::new()],
+        cluster: ClusterConfig {
+            bind: Some(String::new()),
+            advertise: Some(String::new()),
+            id: Some(String::new()),
+            peers: vec![String::new()],
+            etcd: vec![String::new()],
+            ..ClusterConfig::default()
+        },
         curve: Some(CurveConfig {
             secret_key_file: PathBuf::new(),
             publisher_keys: PathBuf::new(),
@@ -517,6 +529,7 @@ impl Config {
             limits: self.limits.clone(),
             queue: self.queue.clone(),
             sub_timeout: self.sub_timeout,
+            cluster: self.cluster.clone(),
         }
     }
 
@@ -642,11 +655,14 @@ impl Config {
                     .into(),
             );
         }
+        self.validate_cluster()?;
         if self.curve.is_none() && !self.insecure {
+            let cluster_bind: Vec<String> = self.cluster.bind.iter().cloned().collect();
             let all = [
                 ("pub-bind", &self.pub_bind),
                 ("sub-bind", &self.sub_bind),
                 ("xpub-bind", &self.xpub_bind),
+                ("cluster-bind", &cluster_bind),
             ];
             for (flag, endpoint) in all.iter().flat_map(|(f, e)| e.iter().map(move |e| (f, e))) {
                 if !is_local(endpoint) {
@@ -657,6 +673,77 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The `[cluster]` table's own rules.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |text: String| Err(ConfigError::Invalid(text));
+        let cluster = &self.cluster;
+        if cluster.bind.is_none() {
+            if !cluster.peers.is_empty() || !cluster.etcd.is_empty() {
+                return invalid(
+                    "--cluster-peers and --cluster-etcd need --cluster-bind, the endpoint peers \
+                     connect to"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
+        if !cluster.peers.is_empty() && !cluster.etcd.is_empty() {
+            return invalid(
+                "--cluster-peers and --cluster-etcd exclude each other: membership is either \
+                 static or from etcd"
+                    .into(),
+            );
+        }
+        if self.curve.is_some() {
+            return invalid(
+                "a cluster with CURVE is not supported yet: peer links would run in plaintext; \
+                 run the cluster on a trusted network without [curve], or one broker with it"
+                    .into(),
+            );
+        }
+        if cluster.name.is_empty() || cluster.name.contains('/') {
+            return invalid(format!(
+                "cluster.name {:?} must be non-empty and without '/' (it is part of etcd keys)",
+                cluster.name
+            ));
+        }
+        if let Some(id) = &cluster.id
+            && (id.is_empty() || id.len() > 128 || id.contains('/'))
+        {
+            return invalid(format!(
+                "cluster.id {id:?} must be 1 to 128 bytes without '/'"
+            ));
+        }
+        if cluster.ping_interval < Duration::from_millis(10)
+            || cluster.peer_timeout < cluster.ping_interval * 2
+        {
+            return invalid(format!(
+                "cluster.ping_interval {:?} must be at least 10ms and cluster.peer_timeout {:?} \
+                 at least twice as long",
+                cluster.ping_interval, cluster.peer_timeout
+            ));
+        }
+        if cluster.lease_ttl < Duration::from_secs(1) {
+            return invalid(format!(
+                "cluster.lease_ttl {:?} is too short; etcd leases count in seconds, use at least 1s",
+                cluster.lease_ttl
+            ));
+        }
+        if cluster.queue_max_messages == 0
+            || cluster.queue_max_bytes == 0
+            || cluster.max_peer_filters == 0
+        {
+            return invalid(
+                "cluster.queue_max_messages, queue_max_bytes and max_peer_filters must be at \
+                 least 1"
+                    .into(),
+            );
         }
         Ok(())
     }

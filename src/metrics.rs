@@ -2,7 +2,7 @@
 //! over HTTP from one mio thread with bounded connections, headers and time;
 //! [`fetch`] is its client.
 
-pub use zbroker_core::counters::{Connections, Counters, Refusals, Snapshot};
+pub use zbroker_core::counters::{Connections, Counters, PeerFigures, Refusals, Snapshot};
 
 /// Renders a snapshot in the Prometheus/OpenMetrics text format.
 ///
@@ -261,10 +261,152 @@ pub fn render(snapshot: &Snapshot) -> String {
         gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         registry.register(name, help, gauge);
     }
+    render_cluster(&mut registry, snapshot);
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
     text
+}
+
+/// The cluster's series: totals, and per peer broker (label `peer`, its
+/// broker id).
+fn render_cluster(registry: &mut prometheus_client::registry::Registry, snapshot: &Snapshot) {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    let c = &snapshot.counters;
+    let totals: [(&str, &str, u64); 8] = [
+        (
+            "cluster_messages_forwarded",
+            "Messages forwarded to peer brokers, once per peer",
+            c.peer_forwarded,
+        ),
+        (
+            "cluster_messages_received",
+            "Messages received from peer brokers",
+            c.peer_received,
+        ),
+        (
+            "cluster_messages_unmatched",
+            "Messages from peers no local subscriber matched any more",
+            c.peer_unmatched,
+        ),
+        (
+            "cluster_messages_lost",
+            "Messages peers dropped for this broker, seen as seq jumps",
+            c.peer_lost,
+        ),
+        (
+            "cluster_peer_downs",
+            "Times a peer link went silent",
+            c.peer_downs,
+        ),
+        (
+            "cluster_peers_expired",
+            "Peers forgotten after the peer timeout",
+            c.peer_expired,
+        ),
+        (
+            "cluster_interest_changes",
+            "Interest changes applied from peers",
+            c.peer_interest_changes,
+        ),
+        (
+            "cluster_link_errors",
+            "Link messages unreadable or out of place",
+            c.peer_malformed,
+        ),
+    ];
+    for (name, help, value) in totals {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        registry.register(name, help, counter);
+    }
+    let snapshots = Family::<Vec<(&'static str, &'static str)>, Counter<u64>>::default();
+    snapshots
+        .get_or_create(&vec![("direction", "sent")])
+        .inc_by(c.peer_snapshots_sent);
+    snapshots
+        .get_or_create(&vec![("direction", "received")])
+        .inc_by(c.peer_snapshots);
+    registry.register(
+        "cluster_interest_snapshots",
+        "Full interest snapshots sent to and received from peers",
+        snapshots,
+    );
+    for (name, help, value) in [
+        (
+            "cluster_peers_served",
+            "Peer links served on the cluster endpoint",
+            snapshot.peers,
+        ),
+        (
+            "cluster_interest_filters",
+            "Distinct local filters, as told to peers",
+            snapshot.interest_filters,
+        ),
+    ] {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        registry.register(name, help, gauge);
+    }
+    type Peer = Vec<(&'static str, String)>;
+    let up = Family::<Peer, Gauge<i64>>::default();
+    let interest = Family::<Peer, Gauge<i64>>::default();
+    let queued = Family::<Peer, Gauge<i64>>::default();
+    let forwarded = Family::<Peer, Counter<u64>>::default();
+    let dropped = Family::<Peer, Counter<u64>>::default();
+    let received = Family::<Peer, Counter<u64>>::default();
+    let lost = Family::<Peer, Counter<u64>>::default();
+    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for peer in &snapshot.peers_detail {
+        let labels = vec![("peer", peer.peer.clone())];
+        up.get_or_create(&labels).set(gauge(peer.up));
+        interest
+            .get_or_create(&labels)
+            .set(gauge(peer.interest_entries));
+        queued.get_or_create(&labels).set(gauge(peer.queued));
+        forwarded.get_or_create(&labels).inc_by(peer.forwarded);
+        dropped.get_or_create(&labels).inc_by(peer.dropped);
+        received.get_or_create(&labels).inc_by(peer.received);
+        lost.get_or_create(&labels).inc_by(peer.lost);
+    }
+    registry.register(
+        "peer_up",
+        "1 while this broker's link to the peer is answered",
+        up,
+    );
+    registry.register(
+        "peer_interest_entries",
+        "Filters of the peer's interest held here",
+        interest,
+    );
+    registry.register(
+        "peer_queued_messages",
+        "Messages waiting in the peer's queue here",
+        queued,
+    );
+    registry.register(
+        "peer_messages_forwarded",
+        "Messages forwarded to the peer",
+        forwarded,
+    );
+    registry.register(
+        "peer_messages_dropped",
+        "Messages for the peer dropped here (queue full, link broke)",
+        dropped,
+    );
+    registry.register(
+        "peer_messages_received",
+        "Messages received from the peer",
+        received,
+    );
+    registry.register(
+        "peer_messages_lost",
+        "Messages the peer dropped for this broker (seq jumps)",
+        lost,
+    );
 }
 
 /// Limits the metrics [`Exporter`] holds every peer to. [`Default`] gives

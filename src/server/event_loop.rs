@@ -112,14 +112,20 @@ impl Server {
             let now = Instant::now();
             let busy = self.read_subscribers(now)? == BATCH || busy;
             let busy = self.read_xpub_notices(now)? == BATCH || busy;
-            let backlogged = self.core.flush(&mut RouterTransport::with_xpub(
+            let busy = self.read_cluster(now)? == BATCH || busy;
+            let backlogged = self.core.flush(&mut RouterTransport::full(
                 &mut self.router,
                 self.xpub.as_mut(),
+                self.cluster.as_mut(),
             ));
             if now >= next_tick {
                 next_tick = self.core.tick(
                     now,
-                    &mut RouterTransport::with_xpub(&mut self.router, self.xpub.as_mut()),
+                    &mut RouterTransport::full(
+                        &mut self.router,
+                        self.xpub.as_mut(),
+                        self.cluster.as_mut(),
+                    ),
                 );
                 self.watch_connections();
                 // Summed over every subscriber pipe: once a tick, not per send.
@@ -141,7 +147,16 @@ impl Server {
                 Some(xpub) => has_input(xpub)?,
                 None => false,
             };
-            let timeout = if busy || publishers_ready || notices_ready || has_input(&self.router)? {
+            let cluster_ready = match &self.cluster {
+                Some(cluster) => cluster.has_input()?,
+                None => false,
+            };
+            let timeout = if busy
+                || publishers_ready
+                || notices_ready
+                || cluster_ready
+                || has_input(&self.router)?
+            {
                 Duration::ZERO
             } else if backlogged {
                 // No per-peer writability event exists for ROUTER; retry soon.
@@ -205,6 +220,73 @@ impl Server {
         Ok(BATCH)
     }
 
+    /// Reads up to [`BATCH`] messages from the cluster ROUTER (peers'
+    /// links) and as many from each outgoing link, into the core; returns
+    /// the most read from one socket.
+    fn read_cluster(&mut self, now: Instant) -> Result<usize, ServerError> {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return Ok(0);
+        };
+        let mut most = 0;
+        let mut n = 0;
+        while n < BATCH {
+            match self.peer_frames[0].recv(&mut cluster.router, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => break,
+                Err(e) => return Err(ServerError::Zmq("receive from peers", e)),
+            }
+            n += 1;
+            let count = receive_rest(
+                &mut cluster.router,
+                &mut self.peer_frames,
+                &mut self.overflow_frame,
+            )?;
+            let [routing_id, message] = &self.peer_frames;
+            let frames: [&[u8]; 1] = [message.bytes()];
+            let kept = usize::from(count > 1);
+            self.core.on_peer_message(
+                routing_id.bytes(),
+                &frames[..kept],
+                count - 1,
+                now,
+                &mut RouterTransport::full(&mut self.router, self.xpub.as_mut(), Some(cluster)),
+            );
+        }
+        most = most.max(n);
+        let links: Vec<zbroker_core::cluster::LinkId> =
+            cluster.links.iter().map(|l| l.id).collect();
+        for link in links {
+            let mut n = 0;
+            while n < BATCH {
+                let Some(socket) = cluster.link(link) else {
+                    break;
+                };
+                match self.link_frames[0].recv(socket, zmq::DONTWAIT) {
+                    Ok(()) => {}
+                    Err(zmq::Error::EAGAIN) => break,
+                    Err(e) => return Err(ServerError::Zmq("receive from a peer link", e)),
+                }
+                n += 1;
+                let count = receive_rest(socket, &mut self.link_frames, &mut self.overflow_frame)?;
+                let kept = count.min(self.link_frames.len());
+                self.core.on_link_message(
+                    link,
+                    &mut self.link_frames[..kept],
+                    count,
+                    now,
+                    &mut RouterTransport::full(&mut self.router, self.xpub.as_mut(), Some(cluster)),
+                );
+            }
+            most = most.max(n);
+        }
+        self.core.send_routed(&mut RouterTransport::full(
+            &mut self.router,
+            self.xpub.as_mut(),
+            Some(cluster),
+        ));
+        Ok(most)
+    }
+
     /// Reads up to [`BATCH`] publisher messages and routes them; returns
     /// how many. Their deliveries are sent after the batch, one run per
     /// subscriber (see [`Broker::route_publish`](crate::broker::Broker::route_publish)).
@@ -233,12 +315,17 @@ impl Server {
                 &mut self.publish_frames[..kept],
                 count,
                 now,
-                &mut RouterTransport::with_xpub(&mut self.router, self.xpub.as_mut()),
+                &mut RouterTransport::full(
+                    &mut self.router,
+                    self.xpub.as_mut(),
+                    self.cluster.as_mut(),
+                ),
             );
         }
-        self.core.send_routed(&mut RouterTransport::with_xpub(
+        self.core.send_routed(&mut RouterTransport::full(
             &mut self.router,
             self.xpub.as_mut(),
+            self.cluster.as_mut(),
         ));
         Ok(read)
     }
@@ -279,7 +366,11 @@ impl Server {
                 &frames[..kept],
                 count - 1,
                 now,
-                &mut RouterTransport::with_xpub(&mut self.router, self.xpub.as_mut()),
+                &mut RouterTransport::full(
+                    &mut self.router,
+                    self.xpub.as_mut(),
+                    self.cluster.as_mut(),
+                ),
             );
         }
         Ok(BATCH)

@@ -12,6 +12,7 @@
 //! - `shutdown`: [`Stopper`], signals, and the linger flush;
 //! - `error`: [`ServerError`].
 
+mod cluster;
 mod error;
 mod event_loop;
 mod monitor;
@@ -31,6 +32,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::frame::Frame;
 use crate::metrics::{Exporter, Snapshot};
+use cluster::ClusterSockets;
 use error::zmq_call;
 use monitor::Watch;
 
@@ -47,6 +49,8 @@ pub struct Server {
     router: zmq::Socket,
     /// The XPUB front for plain SUB sockets, with `--xpub-bind`.
     xpub: Option<zmq::Socket>,
+    /// The cluster endpoint and peer links, with `--cluster-bind`.
+    cluster: Option<ClusterSockets>,
     context: zmq::Context,
     poll: Poll,
     core: Broker<Frame>,
@@ -69,6 +73,12 @@ pub struct Server {
     command_frames: [Frame; 4],
     /// Swallows the extra parts of a malformed message.
     overflow_frame: Frame,
+    /// A peer's routing id and its link message (cluster ROUTER).
+    peer_frames: [Frame; 2],
+    /// A link message: header, then a FORWARD's topic and payload.
+    link_frames: [Frame; 3],
+    /// The configuration, for the sockets of links added later.
+    config: Config,
     /// The sender's CURVE key, copied out of the frame it came with so the
     /// frames can be lent mutably; reused, so it does not allocate.
     user_id: String,
@@ -153,6 +163,10 @@ impl Server {
         if xpub.is_some() {
             core.open_xpub_front();
         }
+        let cluster = match &config.cluster.bind {
+            Some(bind) => Some(cluster::start(&context, &config, bind, &poll, &mut core)?),
+            None => None,
+        };
         for endpoint in &pub_endpoints {
             tracing::info!(%endpoint, "publishers connect a PUSH socket to");
         }
@@ -167,6 +181,7 @@ impl Server {
             pull,
             router,
             xpub,
+            cluster,
             context,
             poll,
             core,
@@ -184,6 +199,9 @@ impl Server {
             publish_frames: Default::default(),
             command_frames: Default::default(),
             overflow_frame: Frame::new(),
+            peer_frames: Default::default(),
+            link_frames: Default::default(),
+            config,
             user_id: String::new(),
             authenticated: zap_on,
             libzmq_queued_bytes: 0,
@@ -210,6 +228,11 @@ impl Server {
     /// Every endpoint subscribers can connect to, as bound.
     pub fn sub_endpoints(&self) -> &[String] {
         &self.sub_endpoints
+    }
+
+    /// The cluster endpoint as bound, when clustered.
+    pub fn cluster_endpoint(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|c| c.endpoint.as_str())
     }
 
     /// The XPUB front's endpoints, as bound; empty when it is off.

@@ -98,9 +98,10 @@ impl Server {
         loop {
             let now = Instant::now();
             self.read_subscribers(now)?;
-            self.core.flush(&mut RouterTransport::with_xpub(
+            self.core.flush(&mut RouterTransport::full(
                 &mut self.router,
                 self.xpub.as_mut(),
+                self.cluster.as_mut(),
             ));
             self.watch_connections();
             if now >= deadline || self.subscriber_watch.open == 0 {

@@ -5,6 +5,10 @@
 //! and reports what libzmq could not take, so that the core can queue it
 //! (a full pipe) or forget the subscriber (a vanished peer).
 
+use zbroker_core::cluster::LinkId;
+use zbroker_core::cluster::wire;
+
+use super::cluster::ClusterSockets;
 use crate::broker::{SendOutcome, Transport};
 use crate::frame::Frame;
 use crate::subscribers::RoutingId;
@@ -16,6 +20,8 @@ pub struct RouterTransport<'a> {
     socket: &'a mut zmq::Socket,
     /// The XPUB front's socket, when `--xpub-bind` opened one.
     xpub: Option<&'a mut zmq::Socket>,
+    /// The cluster's sockets, when `--cluster-bind` opened them.
+    cluster: Option<&'a mut ClusterSockets>,
     /// The routing-id part of the last send and its bytes: the core sends
     /// each subscriber's deliveries in a row, so the next part usually
     /// shares it instead of building its own.
@@ -33,9 +39,20 @@ impl<'a> RouterTransport<'a> {
     /// Sends on `socket`, and what the core routes to the XPUB front on
     /// `xpub`.
     pub fn with_xpub(socket: &'a mut zmq::Socket, xpub: Option<&'a mut zmq::Socket>) -> Self {
+        Self::full(socket, xpub, None)
+    }
+
+    /// Sends on `socket`, the XPUB front's share on `xpub`, and link
+    /// messages on the cluster's sockets.
+    pub fn full(
+        socket: &'a mut zmq::Socket,
+        xpub: Option<&'a mut zmq::Socket>,
+        cluster: Option<&'a mut ClusterSockets>,
+    ) -> Self {
         RouterTransport {
             socket,
             xpub,
+            cluster,
             last_address: None,
             last_id: RoutingId::new(),
         }
@@ -110,6 +127,70 @@ impl Transport<Frame> for RouterTransport<'_> {
             .send(xpub, zmq::SNDMORE | zmq::DONTWAIT)
             .and_then(|()| payload.send(xpub, zmq::DONTWAIT));
         match sent {
+            Ok(()) => SendOutcome::Sent,
+            Err(zmq::Error::EAGAIN) => SendOutcome::WouldBlock,
+            Err(_) => SendOutcome::Unreachable,
+        }
+    }
+
+    /// `[routing id, FORWARD header, topic, payload]` on the cluster
+    /// ROUTER (with `ZMQ_ROUTER_MANDATORY`, like the subscribers').
+    fn forward(
+        &mut self,
+        routing_id: &[u8],
+        seq: u64,
+        topic: &[u8],
+        payload: &mut Frame,
+        last_use: bool,
+    ) -> SendOutcome {
+        let Some(cluster) = self.cluster.as_deref_mut() else {
+            return SendOutcome::Unreachable;
+        };
+        let router = &mut cluster.router;
+        match Frame::from_slice(routing_id).send(router, zmq::SNDMORE | zmq::DONTWAIT) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => return SendOutcome::WouldBlock,
+            Err(_) => return SendOutcome::Unreachable,
+        }
+        let mut header = [0u8; wire::FORWARD_HEADER_MAX];
+        let len = wire::forward_header(seq, &mut header);
+        let header = &header[..len];
+        let payload = if last_use {
+            payload.take()
+        } else {
+            payload.share()
+        };
+        let sent = Frame::from_slice(header)
+            .send(router, zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| Frame::from_slice(topic).send(router, zmq::SNDMORE | zmq::DONTWAIT))
+            .and_then(|()| payload.send(router, zmq::DONTWAIT));
+        match sent {
+            Ok(()) => SendOutcome::Sent,
+            Err(_) => SendOutcome::Unreachable,
+        }
+    }
+
+    fn to_peer(&mut self, routing_id: &[u8], frame: &[u8]) -> SendOutcome {
+        let Some(cluster) = self.cluster.as_deref_mut() else {
+            return SendOutcome::Unreachable;
+        };
+        let router = &mut cluster.router;
+        match Frame::from_slice(routing_id).send(router, zmq::SNDMORE | zmq::DONTWAIT) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => return SendOutcome::WouldBlock,
+            Err(_) => return SendOutcome::Unreachable,
+        }
+        match Frame::from_slice(frame).send(router, zmq::DONTWAIT) {
+            Ok(()) => SendOutcome::Sent,
+            Err(_) => SendOutcome::Unreachable,
+        }
+    }
+
+    fn to_link(&mut self, link: LinkId, frame: &[u8]) -> SendOutcome {
+        let Some(socket) = self.cluster.as_deref_mut().and_then(|c| c.link(link)) else {
+            return SendOutcome::Unreachable;
+        };
+        match Frame::from_slice(frame).send(socket, zmq::DONTWAIT) {
             Ok(()) => SendOutcome::Sent,
             Err(zmq::Error::EAGAIN) => SendOutcome::WouldBlock,
             Err(_) => SendOutcome::Unreachable,

@@ -26,6 +26,8 @@ pub struct BrokerConfig {
     pub queue: QueueConfig,
     /// A subscriber not heard from for this long is forgotten.
     pub sub_timeout: Duration,
+    /// Peer links, when the broker is one of a cluster.
+    pub cluster: ClusterConfig,
 }
 
 impl Default for BrokerConfig {
@@ -34,6 +36,7 @@ impl Default for BrokerConfig {
             limits: Limits::default(),
             queue: QueueConfig::default(),
             sub_timeout: DEFAULT_SUB_TIMEOUT,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -224,6 +227,133 @@ impl Default for QueueConfig {
             max_total_bytes: 512 << 20,
             policy: OverflowPolicy::DropNew,
             disconnect_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A cluster of brokers: where this one listens for peers, how it finds
+/// them, and how it treats their links (docs/CLUSTERING.md).
+///
+/// The `[cluster]` table of the config file; each field is also a flag.
+/// The broker is clustered when `bind` is set.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The endpoint peers connect to (e.g. tcp://10.0.0.1:5570); turns
+    /// clustering on.
+    #[cfg_attr(feature = "clap", arg(long = "cluster-bind", value_name = "ENDPOINT"))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    /// The endpoint peers are told to connect to, when it differs from
+    /// `bind` (a wildcard or a NAT'd address); defaults to `bind`.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "cluster-advertise", value_name = "ENDPOINT")
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Static membership: every peer's cluster endpoint (this broker's own
+    /// may be listed too, so all brokers can share one list).
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long = "cluster-peers",
+            value_name = "ENDPOINT,...",
+            value_delimiter = ','
+        )
+    )]
+    pub peers: Vec<String>,
+    /// Membership from etcd v3: its client URLs (e.g.
+    /// http://127.0.0.1:2379); replaces `peers`.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "cluster-etcd", value_name = "URL,...", value_delimiter = ',')
+    )]
+    pub etcd: Vec<String>,
+    /// The cluster's name: members register under
+    /// /zbroker/<name>/members/ in etcd.
+    #[cfg_attr(feature = "clap", arg(long = "cluster-name", value_name = "NAME"))]
+    pub name: String,
+    /// This broker's id in the cluster, unique among its members; a random
+    /// one is chosen at start when unset.
+    #[cfg_attr(feature = "clap", arg(long = "cluster-id", value_name = "ID"))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// How often a broker pings each peer.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "cluster-ping-interval", value_name = "DURATION", value_parser = humantime::parse_duration)
+    )]
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A peer silent for this long is down: its interest is forgotten.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "cluster-peer-timeout", value_name = "DURATION", value_parser = humantime::parse_duration)
+    )]
+    #[serde(with = "humantime_serde")]
+    pub peer_timeout: Duration,
+    /// The etcd lease on this broker's membership key: a broker silent
+    /// for this long leaves the member list.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "cluster-lease-ttl", value_name = "DURATION", value_parser = humantime::parse_duration)
+    )]
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Most messages queued in the broker for one slow peer link; more are
+    /// dropped, counted per peer, and seen as a gap on the other side.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "cluster-queue-max-messages", value_name = "N")
+    )]
+    pub queue_max_messages: usize,
+    /// Most topic + payload bytes queued for one slow peer link.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "cluster-queue-max-bytes", value_name = "BYTES")
+    )]
+    pub queue_max_bytes: usize,
+    /// Most filters one peer's interest may hold here; past it, its new
+    /// filters are refused, counted and logged.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "cluster-max-peer-filters", value_name = "N")
+    )]
+    pub max_peer_filters: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            bind: None,
+            advertise: None,
+            peers: Vec::new(),
+            etcd: Vec::new(),
+            name: "zbroker".into(),
+            id: None,
+            ping_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(5),
+            queue_max_messages: 100_000,
+            queue_max_bytes: 64 << 20,
+            max_peer_filters: 1_000_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The queue bounds of a peer link: `drop-new`, so a slow peer never
+    /// holds local publishers back or gets cut off; its losses show as a
+    /// gap on the other side.
+    pub fn peer_queue(&self, queue: &QueueConfig) -> QueueConfig {
+        QueueConfig {
+            max_messages: self.queue_max_messages,
+            max_bytes: self.queue_max_bytes,
+            max_total_bytes: queue.max_total_bytes,
+            policy: OverflowPolicy::DropNew,
+            disconnect_after: queue.disconnect_after,
         }
     }
 }

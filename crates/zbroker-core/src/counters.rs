@@ -82,6 +82,32 @@ pub struct Counters {
     pub xpub_refused_notices: u64,
     /// Messages from the XPUB socket that were not subscription notices.
     pub xpub_malformed_notices: u64,
+    /// Messages forwarded to peer brokers (once per peer).
+    pub peer_forwarded: u64,
+    /// Messages received from peer brokers.
+    pub peer_received: u64,
+    /// Messages from peers that no local subscriber matched any more.
+    pub peer_unmatched: u64,
+    /// Messages peers dropped for this broker, seen as seq jumps on their
+    /// links (every local subscriber was shown a gap).
+    pub peer_lost: u64,
+    /// Peer links that said HELLO for the first time (or after being
+    /// forgotten).
+    pub peer_hellos: u64,
+    /// Peers forgotten after `peer_timeout` of silence.
+    pub peer_expired: u64,
+    /// Times an outgoing link's peer went silent.
+    pub peer_downs: u64,
+    /// Interest changes applied from peers.
+    pub peer_interest_changes: u64,
+    /// Interest snapshots applied from peers.
+    pub peer_snapshots: u64,
+    /// HELLOs with a full interest snapshot sent to peers.
+    pub peer_snapshots_sent: u64,
+    /// Peer links told to start over (RESET) after an inconsistency.
+    pub peer_resets: u64,
+    /// Link messages that could not be read or came out of place.
+    pub peer_malformed: u64,
 }
 
 /// Counters plus the current gauges.
@@ -112,8 +138,39 @@ pub struct Snapshot {
     /// Messages libzmq's XPUB dropped for a SUB whose pipe was full, one
     /// per message and SUB, since start (zero in the bare core).
     pub xpub_sub_drops: u64,
+    /// Peer links served now.
+    pub peers: u64,
+    /// Distinct filters of the local interest (what peers are told).
+    pub interest_filters: u64,
     /// Connection-level figures the event loop adds (zero in the bare core).
     pub connections: Connections,
+    /// One entry per peer broker, both directions of its link merged.
+    pub peers_detail: Vec<PeerFigures>,
+}
+
+/// What one peer broker's links carried, as seen from this broker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerFigures {
+    /// The peer's broker id, or its endpoint until it answered.
+    pub peer: String,
+    /// The endpoint this broker's link connects to (empty for a peer
+    /// whose link is only served here).
+    pub endpoint: String,
+    /// This broker's link to it is answered (1) or not (0).
+    pub up: u64,
+    /// Filters of the peer's interest held here.
+    pub interest_entries: u64,
+    /// Messages forwarded to it.
+    pub forwarded: u64,
+    /// Messages for it dropped here (its queue was full, or its link
+    /// broke).
+    pub dropped: u64,
+    /// Messages waiting in its queue.
+    pub queued: u64,
+    /// Messages received from it.
+    pub received: u64,
+    /// Messages it dropped for this broker, seen as seq jumps.
+    pub lost: u64,
 }
 
 /// What the event loop sees of connections, from libzmq's socket monitors

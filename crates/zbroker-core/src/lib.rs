@@ -13,6 +13,7 @@
 //! - [`protocol`]: protocol v1 frames, decoded without panics;
 //! - [`subscribers`]: the per-subscriber records and queues;
 //! - [`broker`]: the state machine that decides what goes where;
+//! - [`cluster`]: peer links, interest propagation, the link protocol;
 //! - [`acl`]: which CURVE key may publish or subscribe to what;
 //! - [`config`]: limits, queue policy, timeouts;
 //! - [`counters`]: what the broker counts about itself.
@@ -22,6 +23,7 @@
 
 pub mod acl;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod counters;
 pub mod filter;

@@ -88,6 +88,9 @@ pub struct Subscriber<P> {
     /// Topic and payload bytes of those, under the backpressure policy
     /// (zero under the others).
     pub(crate) staged_bytes: usize,
+    /// Set when the record is a peer broker's link rather than a
+    /// subscriber (see `broker::peers`).
+    pub(crate) peer: Option<Box<crate::broker::PeerRecord>>,
 }
 
 impl<P> Subscriber<P> {
@@ -110,6 +113,7 @@ impl<P> Subscriber<P> {
             command_tokens: TokenBucket::new(f64::MAX, now),
             staged: Vec::new(),
             staged_bytes: 0,
+            peer: None,
         }
     }
 
@@ -155,6 +159,11 @@ impl<P> Subscriber<P> {
         self.staged.len()
     }
 
+    /// Whether the record is a peer broker's link.
+    pub fn is_peer(&self) -> bool {
+        self.peer.is_some()
+    }
+
     /// Topic and payload bytes of its staged deliveries under the
     /// backpressure policy, where they count toward the mark; zero under
     /// the others.
@@ -165,11 +174,15 @@ impl<P> Subscriber<P> {
 
 /// Subscribers by [`SubId`] and by routing id. Ids of removed subscribers
 /// are reused, so the id space stays as small as the peak subscriber count.
+///
+/// Peer links live here too, under routing ids of their own (they arrive
+/// on another socket, whose ids may collide with subscribers').
 #[derive(Debug)]
 pub(crate) struct SubscriberTable<P> {
     slots: Vec<Option<Subscriber<P>>>,
     free: Vec<SubId>,
     by_routing_id: HashMap<RoutingId, SubId>,
+    by_peer_routing_id: HashMap<RoutingId, SubId>,
 }
 
 impl<P> Default for SubscriberTable<P> {
@@ -178,14 +191,66 @@ impl<P> Default for SubscriberTable<P> {
             slots: Vec::new(),
             free: Vec::new(),
             by_routing_id: HashMap::new(),
+            by_peer_routing_id: HashMap::new(),
         }
     }
 }
 
 impl<P> SubscriberTable<P> {
-    /// Number of subscribers.
+    /// Number of subscribers (peers not counted).
     pub(crate) fn len(&self) -> usize {
         self.by_routing_id.len()
+    }
+
+    /// Number of peer links.
+    pub(crate) fn peer_count(&self) -> usize {
+        self.by_peer_routing_id.len()
+    }
+
+    /// The id of the peer link with this routing id on the cluster socket.
+    pub(crate) fn lookup_peer(&self, routing_id: &[u8]) -> Option<SubId> {
+        self.by_peer_routing_id.get(routing_id).copied()
+    }
+
+    /// Adds a peer link's record; the caller has checked it is not present.
+    pub(crate) fn insert_peer(&mut self, routing_id: &[u8], now: Instant) -> SubId {
+        let id = self.insert_slot(Subscriber::new(routing_id, now));
+        self.by_peer_routing_id
+            .insert(RoutingId::from_slice(routing_id), id);
+        id
+    }
+
+    /// Moves a peer's record to a new connection. True if it moved.
+    pub(crate) fn rename_peer(&mut self, id: SubId, routing_id: &[u8]) -> bool {
+        let Some(record) = self.slots.get_mut(id as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        if record.routing_id[..] == *routing_id {
+            return false;
+        }
+        self.by_peer_routing_id.remove(&record.routing_id[..]);
+        record.routing_id = RoutingId::from_slice(routing_id);
+        self.by_peer_routing_id
+            .insert(RoutingId::from_slice(routing_id), id);
+        true
+    }
+
+    /// Calls `f` on every record, peers included.
+    pub(crate) fn for_each_mut(&mut self, mut f: impl FnMut(&mut Subscriber<P>)) {
+        self.slots.iter_mut().flatten().for_each(&mut f);
+    }
+
+    fn insert_slot(&mut self, record: Subscriber<P>) -> SubId {
+        match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(record);
+                id
+            }
+            None => {
+                self.slots.push(Some(record));
+                SubId::try_from(self.slots.len() - 1).expect("max_subscribers fits in u32")
+            }
+        }
     }
 
     /// The id of the subscriber with this routing id.
@@ -195,17 +260,7 @@ impl<P> SubscriberTable<P> {
 
     /// Adds a subscriber; the caller has checked it is not present.
     pub(crate) fn insert(&mut self, routing_id: &[u8], now: Instant) -> SubId {
-        let record = Subscriber::new(routing_id, now);
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.slots[id as usize] = Some(record);
-                id
-            }
-            None => {
-                self.slots.push(Some(record));
-                SubId::try_from(self.slots.len() - 1).expect("max_subscribers fits in u32")
-            }
-        };
+        let id = self.insert_slot(Subscriber::new(routing_id, now));
         self.by_routing_id
             .insert(RoutingId::from_slice(routing_id), id);
         id
@@ -221,7 +276,11 @@ impl<P> SubscriberTable<P> {
     /// Removes and returns a subscriber.
     pub(crate) fn remove(&mut self, id: SubId) -> Option<Subscriber<P>> {
         let record = self.slots.get_mut(id as usize)?.take()?;
-        self.by_routing_id.remove(&record.routing_id[..]);
+        if record.peer.is_some() {
+            self.by_peer_routing_id.remove(&record.routing_id[..]);
+        } else {
+            self.by_routing_id.remove(&record.routing_id[..]);
+        }
         self.free.push(id);
         Some(record)
     }

@@ -137,6 +137,7 @@ impl<P: Payload> Broker<P> {
                 return Reply::Err(ErrorCode::Limit, text);
             }
             self.index.insert(&filter, id);
+            super::sweep::note_interest(&mut self.cluster, true, &filter);
             sub.filters.insert(filter.clone());
             if let Some(key) = &sub.key {
                 match self.filters_per_key.get_mut(&**key) {
@@ -164,6 +165,7 @@ impl<P: Payload> Broker<P> {
             );
         }
         self.index.remove(&filter, id);
+        super::sweep::note_interest(&mut self.cluster, false, &filter);
         if let Some(key) = sub.key.as_deref() {
             release_key_filters(&mut self.filters_per_key, key, 1);
         }

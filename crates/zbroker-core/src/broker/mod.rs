@@ -60,6 +60,7 @@ use crate::protocol::{self, PublishError};
 use crate::subscribers::{Subscriber, SubscriberTable};
 
 mod commands;
+mod peers;
 mod queues;
 mod rate_limit;
 mod staging;
@@ -69,6 +70,8 @@ mod tests;
 mod transport;
 mod xpub_front;
 
+pub use peers::PeerInfo;
+pub(crate) use peers::PeerRecord;
 pub(crate) use rate_limit::TokenBucket;
 pub use staging::{MAX_STAGED_DELIVERIES, MAX_STAGED_MESSAGES};
 pub use transport::{Payload, SendOutcome, Transport};
@@ -113,6 +116,15 @@ pub struct Broker<P> {
     stranger_tokens: TokenBucket,
     /// The XPUB front for plain SUB sockets, once opened.
     xpub: Option<XpubFront>,
+    /// The cluster side, once [`enable_cluster`](Broker::enable_cluster)
+    /// was called.
+    cluster: Option<crate::cluster::Cluster>,
+    /// Peer records by broker id.
+    peer_ids: peers::PeerIds,
+    /// Forgotten peers' last seqs (see `peers::bury_peer`).
+    peer_tombstones: peers::PeerTombstones,
+    /// The queue bounds of peer links.
+    peer_queue: crate::config::QueueConfig,
 }
 
 impl<P: Payload> Broker<P> {
@@ -121,6 +133,7 @@ impl<P: Payload> Broker<P> {
         let stranger_tokens = TokenBucket::new(f64::from(rate_limit::config_rate(&config)), now);
         Broker {
             queues: Queues::new(&config.queue),
+            peer_queue: config.cluster.peer_queue(&config.queue),
             config,
             acl: None,
             index: RoutingIndex::new(),
@@ -136,6 +149,9 @@ impl<P: Payload> Broker<P> {
             filters_per_key: HashMap::new(),
             stranger_tokens,
             xpub: None,
+            cluster: None,
+            peer_ids: Default::default(),
+            peer_tombstones: Default::default(),
         }
     }
 
@@ -258,6 +274,7 @@ impl<P: Payload> Broker<P> {
             self.reply(id, routing_id, reply, now, out);
         }
         self.remove_gone();
+        self.flush_interest(out);
     }
 
     /// Sends what waits in subscriber queues, oldest first, until libzmq
@@ -266,6 +283,7 @@ impl<P: Payload> Broker<P> {
         self.send_routed(out);
         self.send_queued(out);
         self.remove_gone();
+        self.flush_interest(out);
         !self.queues.backlog.is_empty()
     }
 
@@ -313,8 +331,9 @@ impl<P: Payload> Broker<P> {
     /// ```
     pub fn tick(&mut self, now: Instant, out: &mut impl Transport<P>) -> Instant {
         self.send_routed(out);
+        let links_due = self.flush_cluster(now, out);
         if now < self.next_sweep {
-            return self.next_sweep;
+            return links_due.map_or(self.next_sweep, |due| due.min(self.next_sweep));
         }
         let timeout = self.config.sub_timeout;
         self.expire_silent(now, out);
@@ -324,7 +343,7 @@ impl<P: Payload> Broker<P> {
         // timeout rather than on every wake-up.
         let interval = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         self.next_sweep = now + interval;
-        self.next_sweep
+        links_due.map_or(self.next_sweep, |due| due.min(self.next_sweep))
     }
 
     /// Under [`OverflowPolicy::Backpressure`](crate::config::OverflowPolicy::Backpressure): whether the event loop must
@@ -370,6 +389,9 @@ impl<P: Payload> Broker<P> {
             libzmq_queued_bytes: 0,
             xpub_prefixes: self.xpub_prefixes() as u64,
             xpub_sub_drops: 0,
+            peers: self.subs.peer_count() as u64,
+            interest_filters: self.interest_len() as u64,
+            peers_detail: self.peer_figures(),
         }
     }
 
@@ -398,9 +420,12 @@ impl<P: Payload> Broker<P> {
         self.subs.get(self.subs.lookup(routing_id)?)
     }
 
-    /// Every tracked subscriber.
+    /// Every tracked subscriber (peer links are [`peers`](Self::peers)).
     pub fn subscribers(&self) -> impl Iterator<Item = &Subscriber<P>> {
-        self.subs.iter().map(|(_, s)| s)
+        self.subs
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.peer.is_none())
     }
 
     /// Heap bytes held by the routing index (for memory accounting).

@@ -89,6 +89,11 @@ impl Queues {
     /// Keeps `sub.over_mark` and the count of such subscribers in step with
     /// its queue.
     fn update_mark<P>(&mut self, sub: &mut Subscriber<P>) {
+        // A peer link never holds publishers back: it drops, and its
+        // broker sees the loss.
+        if sub.peer.is_some() {
+            return;
+        }
         // Saturating: forgetting a subscriber empties its queue before
         // accounting for the items one by one.
         let over = self.mark.reached(
@@ -237,11 +242,30 @@ impl<P: Payload> Broker<P> {
                         payload,
                     } => {
                         let payload_len = payload.bytes().len() as u64;
-                        let outcome =
-                            out.deliver(&sub.routing_id, *seq, topic.bytes(), payload, true);
+                        let outcome = match &mut sub.peer {
+                            None => {
+                                out.deliver(&sub.routing_id, *seq, topic.bytes(), payload, true)
+                            }
+                            Some(peer) => {
+                                let outcome = out.forward(
+                                    &sub.routing_id,
+                                    *seq,
+                                    topic.bytes(),
+                                    payload,
+                                    true,
+                                );
+                                if outcome == SendOutcome::Sent {
+                                    peer.forwarded += 1;
+                                }
+                                outcome
+                            }
+                        };
                         if outcome == SendOutcome::Sent {
-                            self.counters.delivered += 1;
-                            self.counters.delivered_bytes += payload_len;
+                            super::staging::count_sent(
+                                &mut self.counters,
+                                sub.peer.is_some(),
+                                payload_len,
+                            );
                         }
                         outcome
                     }

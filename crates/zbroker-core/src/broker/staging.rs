@@ -15,6 +15,17 @@ use crate::config::OverflowPolicy;
 use crate::index::SubId;
 use crate::subscribers::Queued;
 
+/// Counts one delivery handed to libzmq: to a subscriber, or forwarded to
+/// a peer.
+pub(super) fn count_sent(counters: &mut crate::counters::Counters, peer: bool, payload_len: u64) {
+    if peer {
+        counters.peer_forwarded += 1;
+    } else {
+        counters.delivered += 1;
+        counters.delivered_bytes += payload_len;
+    }
+}
+
 /// Messages routed by [`Broker::route_publish`] and not sent yet.
 ///
 /// Deliveries are sent per subscriber, all of one subscriber's in a row:
@@ -111,7 +122,7 @@ impl<P: Payload> Broker<P> {
             sub.staged.push(message);
             // Staged deliveries reach the queue only when the batch is
             // sent, so the marks count them too.
-            if backpressure {
+            if backpressure && sub.peer.is_none() {
                 let mark = &self.queues.mark;
                 sub.staged_bytes += size;
                 staged.bytes += size;
@@ -168,11 +179,28 @@ impl<P: Payload> Broker<P> {
                     let topic = &staged.topic_bytes[message.topic_at.clone()];
                     let seq = first_seq + done as u64;
                     let last_use = message.uses == 1;
-                    match out.deliver(&sub.routing_id, seq, topic, &mut message.payload, last_use) {
+                    let outcome = match &mut sub.peer {
+                        None => {
+                            out.deliver(&sub.routing_id, seq, topic, &mut message.payload, last_use)
+                        }
+                        Some(peer) => {
+                            let outcome = out.forward(
+                                &sub.routing_id,
+                                seq,
+                                topic,
+                                &mut message.payload,
+                                last_use,
+                            );
+                            if outcome == SendOutcome::Sent {
+                                peer.forwarded += 1;
+                            }
+                            outcome
+                        }
+                    };
+                    match outcome {
                         SendOutcome::Sent => {
                             message.uses -= 1;
-                            self.counters.delivered += 1;
-                            self.counters.delivered_bytes += message.payload_len;
+                            count_sent(&mut self.counters, sub.peer.is_some(), message.payload_len);
                             done += 1;
                         }
                         SendOutcome::WouldBlock => break,
@@ -198,8 +226,13 @@ impl<P: Payload> Broker<P> {
                     topic,
                     payload,
                 };
+                let bounds = if sub.peer.is_some() {
+                    &self.peer_queue
+                } else {
+                    &self.config.queue
+                };
                 self.queues.push(
-                    &self.config.queue,
+                    bounds,
                     reply_bound(&self.config.limits),
                     &mut self.counters,
                     id,

@@ -10,6 +10,9 @@
 
 use std::time::Instant;
 
+use crate::cluster::Cluster;
+use crate::filter::Filter;
+
 use super::commands::release_key_filters;
 use super::queues::{count_drop, reply_bound};
 use super::transport::send_reply;
@@ -24,14 +27,24 @@ impl<P: Payload> Broker<P> {
     /// best effort, and forgets it.
     pub(super) fn expire_silent(&mut self, now: Instant, out: &mut impl Transport<P>) {
         let timeout = self.config.sub_timeout;
+        let peer_timeout = self.config.cluster.peer_timeout;
         self.gone.extend(
             self.subs
                 .iter()
-                .filter(|(_, sub)| now.saturating_duration_since(sub.last_heard) >= timeout)
+                .filter(|(_, sub)| {
+                    let limit = if sub.peer.is_some() {
+                        peer_timeout
+                    } else {
+                        timeout
+                    };
+                    now.saturating_duration_since(sub.last_heard) >= limit
+                })
                 .map(|(id, _)| id),
         );
         for &id in &self.gone {
-            if let Some(sub) = self.subs.get(id) {
+            if let Some(sub) = self.subs.get(id)
+                && sub.peer.is_none()
+            {
                 // Best effort: if it is alive after all, it learns it must
                 // subscribe again.
                 let text = format!(
@@ -42,8 +55,13 @@ impl<P: Payload> Broker<P> {
             }
         }
         for id in std::mem::take(&mut self.gone) {
+            let peer = self.subs.get(id).is_some_and(|s| s.peer.is_some());
             if self.forget(id) {
-                self.counters.expired_subscribers += 1;
+                if peer {
+                    self.counters.peer_expired += 1;
+                } else {
+                    self.counters.expired_subscribers += 1;
+                }
             }
         }
     }
@@ -59,6 +77,7 @@ impl<P: Payload> Broker<P> {
             let all_over = self.queues.bytes >= self.queues.mark.total_bytes;
             for &id in &self.queues.backlog {
                 if let Some(sub) = self.subs.get_mut(id)
+                    && sub.peer.is_none()
                     && (sub.over_mark || all_over && sub.queue.len() > sub.queued_replies)
                     && sub.full_since.is_none()
                 {
@@ -104,6 +123,7 @@ impl<P: Payload> Broker<P> {
         };
         for filter in sub.filters.drain() {
             self.index.remove(&filter, id);
+            note_interest(&mut self.cluster, false, &filter);
         }
         for item in std::mem::take(&mut sub.queue) {
             self.queues.took(sub, &item);
@@ -149,6 +169,12 @@ impl<P: Payload> Broker<P> {
         };
         for filter in &sub.filters {
             self.index.remove(filter, id);
+            if sub.peer.is_none() {
+                note_interest(&mut self.cluster, false, filter);
+            }
+        }
+        if let Some(peer) = &sub.peer {
+            self.bury_peer(&peer.broker_id, peer.epoch, sub.last_seq);
         }
         if let Some(key) = sub.key.as_deref() {
             release_key_filters(&mut self.filters_per_key, key, sub.filters.len());
@@ -164,5 +190,13 @@ impl<P: Payload> Broker<P> {
         }
         tracing::debug!(subscriber = %Hex(&sub.routing_id), "forgot a subscriber");
         true
+    }
+}
+
+/// Tells the cluster side (if any) that a local holder of `filter` came
+/// (`add`) or went.
+pub(super) fn note_interest(cluster: &mut Option<Cluster>, add: bool, filter: &Filter) {
+    if let Some(cluster) = cluster {
+        cluster.note(add, filter);
     }
 }

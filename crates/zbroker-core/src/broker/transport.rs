@@ -87,6 +87,35 @@ pub trait Transport<P> {
         let _ = (topic, payload, last_use);
         SendOutcome::Unreachable
     }
+    /// Sends `FORWARD` to the peer whose link arrives at `routing_id` on
+    /// the cluster endpoint: the header [`forward_header`] encodes for
+    /// `seq`, then `topic`, then `payload` under the same sharing rules as
+    /// [`deliver`]. Called only once the broker is clustered.
+    ///
+    /// [`deliver`]: Transport::deliver
+    /// [`forward_header`]: crate::cluster::wire::forward_header
+    fn forward(
+        &mut self,
+        routing_id: &[u8],
+        seq: u64,
+        topic: &[u8],
+        payload: &mut P,
+        last_use: bool,
+    ) -> SendOutcome {
+        let _ = (routing_id, seq, topic, payload, last_use);
+        SendOutcome::Unreachable
+    }
+    /// Sends one link frame to the peer at `routing_id` on the cluster
+    /// endpoint (a PONG or RESET on its link).
+    fn to_peer(&mut self, routing_id: &[u8], frame: &[u8]) -> SendOutcome {
+        let _ = (routing_id, frame);
+        SendOutcome::Unreachable
+    }
+    /// Sends one link frame on this broker's outgoing link `link`.
+    fn to_link(&mut self, link: crate::cluster::LinkId, frame: &[u8]) -> SendOutcome {
+        let _ = (link, frame);
+        SendOutcome::Unreachable
+    }
 }
 
 /// Puts `reply` in its protocol v1 frames and hands them to `out`.

@@ -87,6 +87,13 @@ impl XpubFront {
     pub(super) fn prefixes(&self) -> usize {
         self.counts.len()
     }
+
+    /// The prefixes held, as filters.
+    pub(super) fn filters(&self) -> impl Iterator<Item = Filter> + '_ {
+        self.counts
+            .keys()
+            .filter_map(|prefix| Filter::new(FilterKind::Prefix, prefix, usize::MAX).ok())
+    }
 }
 
 impl<P: Payload> Broker<P> {
@@ -165,6 +172,7 @@ impl<P: Payload> Broker<P> {
                 match (refusal, Filter::new(FilterKind::Prefix, prefix, usize::MAX)) {
                     (None, Ok(filter)) => {
                         self.index.insert(&filter, front.id);
+                        super::sweep::note_interest(&mut self.cluster, true, &filter);
                         front.counts.insert(prefix.into(), 1);
                         self.counters.xpub_subscribes += 1;
                         NoticeOutcome::Counted { routed: true }
@@ -193,6 +201,7 @@ impl<P: Payload> Broker<P> {
                     front.counts.remove(prefix);
                     if let Ok(filter) = Filter::new(FilterKind::Prefix, prefix, usize::MAX) {
                         self.index.remove(&filter, front.id);
+                        super::sweep::note_interest(&mut self.cluster, false, &filter);
                     }
                     self.counters.xpub_unsubscribes += 1;
                     NoticeOutcome::Counted { routed: false }

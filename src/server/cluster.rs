@@ -1,0 +1,271 @@
+//! The cluster's sockets: a ROUTER on `--cluster-bind` serving peers'
+//! links, and one DEALER per peer carrying this broker's own link. They
+//! only move frames; the core (`zbroker_core::cluster`) decides what goes
+//! on them.
+//!
+//! Both directions of a pair of brokers use the link the receiving side
+//! opened: broker A's DEALER to B carries A's HELLO, interest and PINGs to
+//! B, and brings back B's PONGs and the messages published at B that A's
+//! interest matches. So A's interest and the messages it asked for share a
+//! connection and break together.
+
+use std::os::fd::RawFd;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Poll, Token};
+use zbroker_core::cluster::{Identity, LinkId};
+
+use super::error::{ServerError, zmq_call};
+use crate::config::Config;
+use crate::ffi::set_int_option;
+
+/// Tokens of the outgoing links' `ZMQ_FD`s start here (one per link id).
+pub(crate) const LINK_TOKENS: usize = 1 << 20;
+
+/// libzmq's queue of link messages towards one peer, in messages: interest
+/// changes and PINGs on a link, FORWARDs on the cluster ROUTER (behind
+/// which the core's own per-peer queue waits).
+const LINK_HWM: i32 = 100_000;
+
+/// How soon a link reconnects after its peer went away: peers restart in
+/// about a second, and a link that is down carries nothing.
+const RECONNECT_IVL_MS: i32 = 100;
+
+/// `ZMQ_IMMEDIATE`: a link not connected refuses sends (`EAGAIN`) instead
+/// of queueing them for a peer that may never come; the core then owes the
+/// peer a HELLO and a snapshot, sent once it is connected.
+const ZMQ_IMMEDIATE: std::ffi::c_int = 39;
+
+/// One outgoing link's socket.
+pub(crate) struct LinkSocket {
+    pub(crate) id: LinkId,
+    pub(crate) endpoint: String,
+    pub(crate) socket: zmq::Socket,
+    fd: RawFd,
+}
+
+/// The cluster ROUTER and the outgoing links.
+pub struct ClusterSockets {
+    pub(crate) router: zmq::Socket,
+    pub(crate) links: Vec<LinkSocket>,
+    /// The cluster endpoint as bound.
+    pub(crate) endpoint: String,
+}
+
+impl ClusterSockets {
+    /// Binds the cluster ROUTER to `bind` and registers it with `poll`
+    /// under `token`.
+    pub(crate) fn bind(
+        context: &zmq::Context,
+        config: &Config,
+        bind: &str,
+        poll: &Poll,
+        token: Token,
+    ) -> Result<ClusterSockets, ServerError> {
+        let router = zmq_call(
+            "create the cluster ROUTER socket",
+            context.socket(zmq::ROUTER),
+        )?;
+        zmq_call(
+            "set ZMQ_ROUTER_MANDATORY",
+            router.set_router_mandatory(true),
+        )?;
+        zmq_call("set ZMQ_SNDHWM", router.set_sndhwm(LINK_HWM))?;
+        zmq_call("set ZMQ_RCVHWM", router.set_rcvhwm(LINK_HWM))?;
+        zmq_call(
+            "set ZMQ_MAXMSGSIZE",
+            router.set_maxmsgsize(link_message_limit(config)),
+        )?;
+        zmq_call("set ZMQ_LINGER", router.set_linger(0))?;
+        set_heartbeats(&router, config)?;
+        let endpoint = super::socket::bind(&router, "cluster", bind)?;
+        register(poll, zmq_call("read ZMQ_FD", router.get_fd())?, token)?;
+        Ok(ClusterSockets {
+            router,
+            links: Vec::new(),
+            endpoint,
+        })
+    }
+
+    /// Opens the socket of link `id` to `endpoint` and registers it with
+    /// `poll`. libzmq connects (and reconnects) in the background.
+    pub(crate) fn connect(
+        &mut self,
+        context: &zmq::Context,
+        config: &Config,
+        poll: &Poll,
+        id: LinkId,
+        endpoint: &str,
+    ) -> Result<(), ServerError> {
+        let mut socket = zmq_call(
+            "create a peer link's DEALER socket",
+            context.socket(zmq::DEALER),
+        )?;
+        zmq_call("set ZMQ_SNDHWM", socket.set_sndhwm(LINK_HWM))?;
+        zmq_call("set ZMQ_RCVHWM", socket.set_rcvhwm(LINK_HWM))?;
+        zmq_call(
+            "set ZMQ_MAXMSGSIZE",
+            socket.set_maxmsgsize(config.limits.max_message_size),
+        )?;
+        zmq_call("set ZMQ_LINGER", socket.set_linger(0))?;
+        zmq_call(
+            "set ZMQ_RECONNECT_IVL",
+            socket.set_reconnect_ivl(RECONNECT_IVL_MS),
+        )?;
+        zmq_call(
+            "set ZMQ_IMMEDIATE",
+            set_int_option(&mut socket, ZMQ_IMMEDIATE, 1),
+        )?;
+        set_heartbeats(&socket, config)?;
+        socket
+            .connect(endpoint)
+            .map_err(|source| ServerError::Bind {
+                role: "peer link",
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
+        let fd = zmq_call("read ZMQ_FD", socket.get_fd())?;
+        register(poll, fd, link_token(id))?;
+        self.links.push(LinkSocket {
+            id,
+            endpoint: endpoint.to_string(),
+            socket,
+            fd,
+        });
+        Ok(())
+    }
+
+    /// Closes link `id`'s socket.
+    pub(crate) fn disconnect(&mut self, poll: &Poll, id: LinkId) {
+        if let Some(at) = self.links.iter().position(|l| l.id == id) {
+            let link = self.links.remove(at);
+            // Before the socket (and so its descriptor) closes.
+            let _ = poll.registry().deregister(&mut SourceFd(&link.fd));
+        }
+    }
+
+    /// The link socket with id `id`.
+    pub(crate) fn link(&mut self, id: LinkId) -> Option<&mut zmq::Socket> {
+        self.links
+            .iter_mut()
+            .find(|l| l.id == id)
+            .map(|l| &mut l.socket)
+    }
+
+    /// Whether any cluster socket holds a message to read (which also
+    /// re-arms their `ZMQ_FD` edges; see `event_loop`).
+    pub(crate) fn has_input(&self) -> Result<bool, ServerError> {
+        if super::event_loop::has_input(&self.router)? {
+            return Ok(true);
+        }
+        for link in &self.links {
+            if super::event_loop::has_input(&link.socket)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Binds the cluster endpoint, makes `core` a member and opens a link to
+/// every static peer (etcd membership adds its links as members appear).
+pub(crate) fn start(
+    context: &zmq::Context,
+    config: &Config,
+    bind: &str,
+    poll: &Poll,
+    core: &mut crate::broker::Broker<crate::frame::Frame>,
+) -> Result<ClusterSockets, ServerError> {
+    let mut sockets = ClusterSockets::bind(context, config, bind, poll, CLUSTER)?;
+    let identity = Identity {
+        broker_id: config.cluster.id.clone().unwrap_or_else(random_broker_id),
+        epoch: new_epoch(),
+    };
+    tracing::info!(
+        endpoint = sockets.endpoint,
+        broker_id = identity.broker_id,
+        epoch = identity.epoch,
+        "peers connect to"
+    );
+    core.enable_cluster(identity);
+    let advertised = config
+        .cluster
+        .advertise
+        .as_deref()
+        .unwrap_or(&sockets.endpoint)
+        .to_string();
+    let now = std::time::Instant::now();
+    for peer in &config.cluster.peers {
+        // A shared peer list names this broker too.
+        if *peer == advertised
+            || *peer == sockets.endpoint
+            || Some(peer) == config.cluster.bind.as_ref()
+        {
+            continue;
+        }
+        if let Some(id) = core.add_link(peer, now) {
+            sockets.connect(context, config, poll, id, peer)?;
+        }
+    }
+    Ok(sockets)
+}
+
+/// The cluster ROUTER's poll token.
+pub(crate) const CLUSTER: Token = Token(LINK_TOKENS - 1);
+
+/// The poll token of link `id`.
+fn link_token(id: LinkId) -> Token {
+    Token(LINK_TOKENS + (id as usize % LINK_TOKENS))
+}
+
+/// The largest frame a peer may send on the cluster ROUTER: link messages
+/// are small except snapshot chunks, which stay far below this.
+fn link_message_limit(config: &Config) -> i64 {
+    let chunk = zbroker_core::cluster::wire::SNAPSHOT_CHUNK_FILTERS as i64
+        * (config.limits.max_filter_len as i64 + 8);
+    chunk.max(1 << 20)
+}
+
+/// ZMTP heartbeats, so a dead TCP peer is noticed by libzmq too.
+fn set_heartbeats(socket: &zmq::Socket, config: &Config) -> Result<(), ServerError> {
+    let ping = config.cluster.ping_interval.as_millis().clamp(100, 60_000) as i32;
+    let timeout = config.cluster.peer_timeout.as_millis().clamp(300, 600_000) as i32;
+    zmq_call("set ZMQ_HEARTBEAT_IVL", socket.set_heartbeat_ivl(ping))?;
+    zmq_call(
+        "set ZMQ_HEARTBEAT_TIMEOUT",
+        socket.set_heartbeat_timeout(timeout),
+    )?;
+    Ok(())
+}
+
+fn register(poll: &Poll, fd: RawFd, token: Token) -> Result<(), ServerError> {
+    poll.registry()
+        .register(&mut SourceFd(&fd), token, Interest::READABLE)
+        .map_err(|e| ServerError::Io("register a cluster socket with the poller", e))
+}
+
+/// A broker id for a broker started without `--cluster-id`: random enough
+/// that two brokers never share one.
+pub(crate) fn random_broker_id() -> String {
+    format!("{:016x}", random_u64())
+}
+
+/// An epoch for this start: a broker restarted with the same id gets a
+/// different one.
+pub(crate) fn new_epoch() -> u64 {
+    random_u64()
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per process; mixing in the time
+    // and pid makes two draws in one process differ too.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
