@@ -141,6 +141,14 @@ impl<P: Payload> Broker<P> {
         self.cluster.as_ref().map_or(0, |c| c.interest.version())
     }
 
+    /// How many local holders (subscribers, and SUB sockets on the XPUB
+    /// front) `filter` has in the interest.
+    pub fn interest_holders(&self, filter: &Filter) -> u32 {
+        self.cluster
+            .as_ref()
+            .map_or(0, |c| c.interest.count(filter))
+    }
+
     /// The local interest, each filter once (for tests and `zbroker stats`).
     pub fn interest(&self) -> impl Iterator<Item = &Filter> {
         self.cluster.iter().flat_map(|c| c.interest.filters())
@@ -260,23 +268,31 @@ impl<P: Payload> Broker<P> {
                 },
                 Some(id),
             ) => self.on_snapshot_chunk(id, version, part, last, &filters, out),
-            (LinkMessage::Ping, Some(id)) => {
-                let (me, version) = match (&self.cluster, self.subs.get(id)) {
-                    (Some(c), Some(sub)) => (
-                        c.me.clone(),
-                        sub.peer.as_ref().and_then(|p| p.version).unwrap_or(0),
-                    ),
+            (LinkMessage::Ping { version }, Some(id)) => {
+                let (me, held) = match (&self.cluster, self.subs.get(id)) {
+                    (Some(c), Some(sub)) => {
+                        (c.me.clone(), sub.peer.as_ref().and_then(|p| p.version))
+                    }
                     _ => return,
                 };
-                let pong = LinkMessage::Pong {
-                    broker_id: &me.broker_id,
-                    epoch: me.epoch,
-                    version,
-                };
-                self.to_peer(routing_id, &pong, out);
+                // Everything the peer sent before this PING has arrived:
+                // holding another version means a change or a snapshot
+                // chunk was lost on the way.
+                if held != Some(version) {
+                    self.reset_peer(id, "interest behind the PING's version", out);
+                } else {
+                    let pong = LinkMessage::Pong {
+                        broker_id: &me.broker_id,
+                        epoch: me.epoch,
+                        version,
+                    };
+                    self.to_peer(routing_id, &pong, out);
+                }
             }
             (
-                LinkMessage::Interest { .. } | LinkMessage::Snapshot { .. } | LinkMessage::Ping,
+                LinkMessage::Interest { .. }
+                | LinkMessage::Snapshot { .. }
+                | LinkMessage::Ping { .. },
                 None,
             ) => {
                 // A link this broker holds nothing for (it restarted, or
@@ -656,16 +672,20 @@ impl<P: Payload> Broker<P> {
             } => {
                 let known = state.peer.as_ref().map(|(id, e)| (id.as_str(), *e));
                 if known != Some((broker_id, epoch)) {
+                    // The first answer names the peer; a later one with
+                    // another epoch means it restarted and holds nothing
+                    // (the first answer needs no HELLO: a peer without one
+                    // answers PING with RESET instead).
                     if known.is_some() {
                         tracing::info!(
                             endpoint = state.endpoint,
                             peer = broker_id,
                             "peer restarted (new epoch): sending HELLO and interest again"
                         );
+                        state.needs_hello = true;
                     }
                     state.peer = Some((broker_id.to_string(), epoch));
                     state.last_seq = 0;
-                    state.needs_hello = true;
                 }
             }
             LinkMessage::Reset { reason } => {
@@ -682,7 +702,7 @@ impl<P: Payload> Broker<P> {
             LinkMessage::Hello { .. }
             | LinkMessage::Interest { .. }
             | LinkMessage::Snapshot { .. }
-            | LinkMessage::Ping => {
+            | LinkMessage::Ping { .. } => {
                 self.counters.peer_malformed += 1;
             }
         }
@@ -808,6 +828,7 @@ impl<P: Payload> Broker<P> {
             buf,
             ping_interval,
             peer_timeout,
+            interest,
             ..
         } = cluster;
         for link in links.iter_mut() {
@@ -817,7 +838,10 @@ impl<P: Payload> Broker<P> {
             let due = link.last_ping.map_or(now, |at| at + *ping_interval);
             if now >= due {
                 buf.clear();
-                LinkMessage::Ping.encode_into(buf);
+                LinkMessage::Ping {
+                    version: interest.version(),
+                }
+                .encode_into(buf);
                 // A PING refused (not connected yet) is retried at the
                 // next interval; silence is judged on answers, not sends.
                 let _ = out.to_link(link.id, buf);

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use crate::filter::Filter;
 
 pub mod interest;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod wire;
 
 pub use interest::InterestTable;

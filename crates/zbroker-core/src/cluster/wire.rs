@@ -78,8 +78,14 @@ pub enum LinkMessage<'a> {
         /// loss.
         seq: u64,
     },
-    /// Liveness, from the connecting broker, every ping interval.
-    Ping,
+    /// Liveness, from the connecting broker, every ping interval, with
+    /// the interest version the sender had sent when it pinged: the
+    /// receiver, holding another, lost a change or a snapshot (a link
+    /// delivers in order) and answers RESET.
+    Ping {
+        /// The sender's interest version.
+        version: u64,
+    },
     /// The answer to `PING`: who answers, and the last interest version it
     /// applied from the pinging broker.
     Pong {
@@ -220,7 +226,7 @@ mod tests {
             },
             LinkMessage::Forward { seq: 1 << 40 },
             LinkMessage::Forward { seq: u64::MAX },
-            LinkMessage::Ping,
+            LinkMessage::Ping { version: 5 },
             LinkMessage::Pong {
                 broker_id: "b",
                 epoch: 3,
@@ -230,7 +236,7 @@ mod tests {
             LinkMessage::Refused { reason: "no" },
         ];
         for message in messages {
-            assert_eq!(decode(&message.encode()), Ok(message));
+            assert_eq!(decode(&message.encode()), Ok(message.clone()));
             if let LinkMessage::Forward { seq } = message {
                 let mut header = [0; FORWARD_HEADER_MAX];
                 let len = forward_header(seq, &mut header);
@@ -249,7 +255,7 @@ mod tests {
         let mut huge = vec![2u8, 9, 0, 1];
         huge.extend_from_slice(&[0xfe, 0, 0, 0, 0, 0, 0, 0, 0x10]);
         assert!(decode(&huge).is_err());
-        let mut trailing = LinkMessage::Ping.encode();
+        let mut trailing = LinkMessage::Ping { version: 0 }.encode();
         trailing.push(0);
         assert!(decode(&trailing).is_err());
         assert_eq!(
