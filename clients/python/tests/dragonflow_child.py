@@ -36,20 +36,20 @@ class Child:
     def set(self, group: str, name: str, value: Any) -> None:
         cfg.CONF.set_override(name, value, group=group)
 
-    def publisher(self, name: str, driver: str) -> str:
-        """A publisher from ``driver`` (an alias), initialized."""
-        publisher = df_utils.load_driver(
-            driver, df_utils.DF_PUBSUB_DRIVER_NAMESPACE
-        ).get_publisher()
+    def publisher(self, name: str, driver: str) -> List[str]:
+        """A publisher from ``driver`` (an alias), initialized; the classes
+        of the driver and of the publisher."""
+        driver_object = df_utils.load_driver(driver, df_utils.DF_PUBSUB_DRIVER_NAMESPACE)
+        publisher = driver_object.get_publisher()
         publisher.initialize()
         self.publishers[name] = publisher
-        return type(publisher).__name__
+        return [type(driver_object).__name__, type(publisher).__name__]
 
     def subscriber(
         self, name: str, driver: str, topics: List[str], uris: Optional[List[str]] = None
-    ) -> str:
+    ) -> List[str]:
         """A running subscriber from ``driver``, set up as Dragonflow's NbApi
-        does."""
+        does; the classes of the driver and of the subscriber."""
         driver_object = df_utils.load_driver(driver, df_utils.DF_PUBSUB_DRIVER_NAMESPACE)
         subscriber = driver_object.get_subscriber()
         collector = Collector()
@@ -61,7 +61,7 @@ class Child:
         subscriber.daemonize()
         self.subscribers[name] = subscriber
         self.collectors[name] = collector
-        return type(subscriber).__name__
+        return [type(driver_object).__name__, type(subscriber).__name__]
 
     def send(self, publisher: str, table: str, key: str, value: Any, topic: str) -> None:
         update = db_common.DbUpdate(table, key, "set", value, topic=topic)
@@ -93,7 +93,8 @@ class Child:
         return time.monotonic() - started
 
     def running(self, subscriber: str) -> List[bool]:
-        """``is_running`` (master's) and ``is_daemonize`` (4.0.0's)."""
+        """``is_running`` (master's) and ``is_daemonize`` (4.0.0's): the
+        driver has both on either."""
         agent = self.subscribers[subscriber]
         return [bool(agent.is_running), bool(agent.is_daemonize)]
 

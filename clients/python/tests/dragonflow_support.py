@@ -1,6 +1,8 @@
 """What the Dragonflow driver's tests share (tests/test_dragonflow*.py and
-tests/dragonflow_child.py): a callback that records, and publishing helpers
-bounded in count and time. Needs the real dragonflow package."""
+tests/dragonflow_child.py): which Dragonflow is installed and where its
+options and aliases differ, a callback that records, and publishing helpers
+bounded in count and time. Needs the real dragonflow package: 4.0.0, or
+master built from source (scripts/test-dragonflow, DRAGONFLOW_SOURCE)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,56 @@ import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from dragonflow.db import db_common
+from dragonflow.db import db_common, pub_sub_api
 
 from harness import WAIT
 
 ALIAS = "zbroker_pubsub_driver"
+
+
+def _flavour() -> str:
+    """Which Dragonflow's pub/sub base classes are installed, told by their
+    own code: 4.0.0's subscriber has ``is_daemonize`` and an abstract
+    ``run``, master's an abstract ``is_running`` instead."""
+    abstract = pub_sub_api.SubscriberApi.__abstractmethods__
+    has_daemonize = hasattr(pub_sub_api.SubscriberAgentBase, "is_daemonize")
+    if has_daemonize and "run" in abstract and "is_running" not in abstract:
+        return "4.0.0"
+    if not has_daemonize and "is_running" in abstract and "run" not in abstract:
+        return "master"
+    raise RuntimeError(
+        f"{pub_sub_api.__file__} is neither Dragonflow 4.0.0's nor master's: "
+        f"abstract {sorted(abstract)}, is_daemonize {has_daemonize}"
+    )
+
+
+#: "4.0.0" or "master": what the tests below set up differently for.
+FLAVOUR = _flavour()
+
+#: Where the two differ in what the tests configure and load (the driver's
+#: own options and alias are the same on both):
+#:
+#: - the option that makes 4.0.0's neutron-server publish through
+#:   ``[df] pub_sub_multiproc_driver`` (on by default) instead of
+#:   ``[df] pub_sub_driver``; master has neither;
+#: - the ipc path that Dragonflow's zmq multiproc publisher PUSHes to:
+#:   ``[df] publisher_multiproc_socket`` on 4.0.0, ``[df_zmq] ipc_socket`` on
+#:   master;
+#: - Dragonflow's zmq drivers: on 4.0.0 ``zmq_pubsub_driver`` (ZMQPubSub) has
+#:   the SUB subscriber and ``zmq_pubsub_multiproc_driver``
+#:   (ZMQPubSubMultiproc) the ipc PUSH publisher; on master
+#:   ``zmq_pubsub_driver`` (ZMQPubSubConnect) has both.
+MULTIPROC_OPTION: Optional[Tuple[str, str]]
+if FLAVOUR == "4.0.0":
+    MULTIPROC_OPTION = ("df", "pub_sub_use_multiproc")
+    IPC_SOCKET_OPTION = ("df", "publisher_multiproc_socket")
+    ZMQ_SUBSCRIBER_DRIVER = ("zmq_pubsub_driver", "ZMQPubSub")
+    ZMQ_PUBLISHER_DRIVER = ("zmq_pubsub_multiproc_driver", "ZMQPubSubMultiproc")
+else:
+    MULTIPROC_OPTION = None
+    IPC_SOCKET_OPTION = ("df_zmq", "ipc_socket")
+    ZMQ_SUBSCRIBER_DRIVER = ("zmq_pubsub_driver", "ZMQPubSubConnect")
+    ZMQ_PUBLISHER_DRIVER = ("zmq_pubsub_driver", "ZMQPubSubConnect")
 
 #: One callback: (table, key, action, value, topic).
 Update = Tuple[Any, Any, Any, Any, Any]

@@ -3,13 +3,18 @@ loaded by Dragonflow's loader, events sent by its PublisherAgentBase and
 unpacked by its SubscriberAgentBase, against the real broker binary.
 
 Needs the real dragonflow package: scripts/test-dragonflow runs these in its
-virtualenv (conftest.py leaves them out elsewhere). Threads here are real
-threads; tests/test_dragonflow_green.py runs the driver, and Dragonflow's own
-zmq driver, under eventlet as Dragonflow's services do."""
+virtualenv (conftest.py leaves them out elsewhere), with Dragonflow 4.0.0, or
+with master built from source (DRAGONFLOW_SOURCE); the same tests run against
+either (dragonflow_support.FLAVOUR says where they set up differently).
+Threads here are real threads; tests/test_dragonflow_green.py runs the
+driver, and Dragonflow's own zmq driver, under eventlet as Dragonflow's
+services do."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
+import os
 import threading
 import time
 from pathlib import Path
@@ -26,7 +31,11 @@ import zbroker.dragonflow
 from conftest import BrokerFactory, Clients
 from dragonflow_support import (
     ALIAS,
+    FLAVOUR,
+    MULTIPROC_OPTION,
     SYNC,
+    ZMQ_PUBLISHER_DRIVER,
+    ZMQ_SUBSCRIBER_DRIVER,
     Collector,
     Update,
     fence,
@@ -46,7 +55,10 @@ class Dragonflow:
         self._overrides: List[Tuple[str, str]] = []
         self._agents: List[Any] = []
         self.set("df", "pub_sub_driver", ALIAS)
-        self.set("df", "pub_sub_use_multiproc", False)
+        if MULTIPROC_OPTION is not None:
+            # 4.0.0's neutron-server would publish through [df]
+            # pub_sub_multiproc_driver instead; master has no such option.
+            self.set(*MULTIPROC_OPTION, False)
 
     def set(self, group: str, name: str, value: Any) -> None:
         cfg.CONF.set_override(name, value, group=group)
@@ -104,6 +116,31 @@ def df() -> Iterator[Dragonflow]:
 def transport() -> str:
     # Dragonflow's brokers are on tcp (conftest.py's default runs both).
     return "tcp"
+
+
+def test_the_dragonflow_under_test_is_the_one_asked_for() -> None:
+    # scripts/test-dragonflow says which Dragonflow it installed: 4.0.0 from
+    # the package registry, or a source tree (by default master) with a
+    # version naming its commit.
+    dist = importlib.metadata.distribution("dragonflow")
+    assert os.environ.get("ZBROKER_DRAGONFLOW_FLAVOUR", FLAVOUR) == FLAVOUR
+    assert dist.version == os.environ.get("ZBROKER_DRAGONFLOW_VERSION", dist.version)
+    # Imported from that installation, not from a source tree on the path.
+    installed = Path(str(dist.locate_file("dragonflow/db/pub_sub_api.py")))
+    assert Path(pub_sub_api.__file__).resolve() == installed.resolve()
+    points = {
+        p.name: p.value for p in importlib.metadata.entry_points(group="dragonflow.pubsub_driver")
+    }
+    zmq_module = "dragonflow.db.pubsub_drivers.zmq_pubsub_driver"
+    for alias, cls in (ZMQ_SUBSCRIBER_DRIVER, ZMQ_PUBLISHER_DRIVER):
+        assert points[alias] == f"{zmq_module}:{cls}"
+    if FLAVOUR == "4.0.0":
+        assert MULTIPROC_OPTION is not None
+        assert getattr(getattr(cfg.CONF, MULTIPROC_OPTION[0]), MULTIPROC_OPTION[1]) is True
+    else:
+        assert dist.version != "4.0.0"
+        assert "pub_sub_use_multiproc" not in cfg.CONF.df
+        assert "zmq_pubsub_multiproc_driver" not in points
 
 
 def test_loaded_by_dragonflows_loader_by_alias_and_by_class_path(df: Dragonflow) -> None:
@@ -337,7 +374,10 @@ def test_close_stops_the_thread(make_broker: BrokerFactory, df: Dragonflow) -> N
 # registry, and its code is not copied here): what a driver must provide
 # there beyond 4.0.0. `is_running` is an abstract property on master,
 # `is_daemonize` one on 4.0.0; master's SubscriberAgentBase starts with
-# `daemon = None` and starts no thread before `daemonize()`.
+# `daemon = None` and starts no thread before `daemonize()`. Run against
+# master (scripts/test-dragonflow with DRAGONFLOW_SOURCE), the test below
+# also checks this reading against master's code, and every other test here
+# runs the driver on master's base classes.
 MASTER_PUBLISHER = ("initialize", "_send_event", "close")
 MASTER_SUBSCRIBER = (
     "initialize",
@@ -352,8 +392,6 @@ MASTER_SUBSCRIBER = (
 
 
 def test_the_driver_provides_dragonflow_masters_interface() -> None:
-    import inspect
-
     from zbroker.dragonflow import ZbrokerPublisherAgent, ZbrokerSubscriberAgent
 
     for cls, names in (
@@ -370,3 +408,19 @@ def test_the_driver_provides_dragonflow_masters_interface() -> None:
     assert subscriber.is_running is False
     assert subscriber.is_daemonize is False
     subscriber.close()
+
+    # What is abstract in the installed Dragonflow, the driver implements.
+    assert not ZbrokerPublisherAgent.__abstractmethods__
+    assert not ZbrokerSubscriberAgent.__abstractmethods__
+    if FLAVOUR == "master":
+        # The reading above is master's code.
+        assert set(pub_sub_api.PublisherApi.__abstractmethods__) == set(MASTER_PUBLISHER)
+        assert set(pub_sub_api.SubscriberApi.__abstractmethods__) == {
+            *MASTER_SUBSCRIBER,
+            "is_running",
+        } - {"run"}
+        # Master's base class starts the driver with no thread.
+        fresh = ZbrokerSubscriberAgent()
+        assert fresh.daemon is None
+        assert fresh.is_running is False
+        fresh.close()

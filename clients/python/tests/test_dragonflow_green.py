@@ -2,10 +2,9 @@
 monkey-patch first): this driver, and Dragonflow's own zmq driver, unchanged,
 through the broker's drop-in fronts (a PUSH publisher on an ipc --pub-bind,
 SUB subscribers on --xpub-bind). Each test drives tests/dragonflow_child.py
-in a child process, against the real broker binary, with Dragonflow 4.0.0's
-pub/sub base classes (master is not on the package registry, and its code
-is not copied here: the driver follows master's interface by reading, with
-is_running beside 4.0.0's is_daemonize)."""
+in a child process, against the real broker binary, with the pub/sub base
+classes and zmq driver of the Dragonflow installed: 4.0.0's, or master's when
+scripts/test-dragonflow built it from source (DRAGONFLOW_SOURCE)."""
 
 from __future__ import annotations
 
@@ -22,7 +21,15 @@ from typing import IO, Any, Dict, Iterator, List
 import pytest
 
 from conftest import BrokerFactory
-from dragonflow_support import ALIAS, SYNC, Update, syncs
+from dragonflow_support import (
+    ALIAS,
+    IPC_SOCKET_OPTION,
+    SYNC,
+    ZMQ_PUBLISHER_DRIVER,
+    ZMQ_SUBSCRIBER_DRIVER,
+    Update,
+    syncs,
+)
 from harness import WAIT, Broker, free_tcp_endpoint
 
 TESTS = Path(__file__).resolve().parent
@@ -97,7 +104,7 @@ def transport() -> str:
 
 @pytest.fixture
 def child() -> Iterator[Child]:
-    """The child, with Dragonflow 4.0.0's pub/sub base classes."""
+    """The child, with the installed Dragonflow's pub/sub base classes."""
     with tempfile.TemporaryFile() as stderr:
         made = Child(stderr)
         yield made
@@ -112,10 +119,14 @@ def test_this_driver_under_eventlet(make_broker: BrokerFactory, child: Child) ->
     broker = make_broker()
     child.call("set", group="zbroker", name="publisher_endpoints", value=[broker.pub_endpoint])
     child.call("set", group="zbroker", name="subscriber_endpoints", value=[broker.sub_endpoint])
-    assert child.call("subscriber", name="s", driver=ALIAS, topics=["D", "project-a"]) == (
-        "ZbrokerSubscriberAgent"
-    )
-    assert child.call("publisher", name="p", driver=ALIAS) == "ZbrokerPublisherAgent"
+    assert child.call("subscriber", name="s", driver=ALIAS, topics=["D", "project-a"]) == [
+        "ZbrokerPubSub",
+        "ZbrokerSubscriberAgent",
+    ]
+    assert child.call("publisher", name="p", driver=ALIAS) == [
+        "ZbrokerPubSub",
+        "ZbrokerPublisherAgent",
+    ]
     assert child.updates("probe", publisher="p", subscriber="s", topic="D") == []
 
     # The subscriber's green thread waits in eventlet's thread pool, not in
@@ -145,8 +156,9 @@ def test_dragonflows_zmq_driver_through_the_drop_in_fronts(
     make_broker: BrokerFactory, ipc_dir: Path, child: Child
 ) -> None:
     # The broker in place of Dragonflow's publisher service: neutron-server's
-    # multiproc PUSH connects to [df] publisher_multiproc_socket, SUB sockets
-    # to [df] publishers_ips and publisher_port.
+    # multiproc PUSH connects to [df] publisher_multiproc_socket (4.0.0) or
+    # [df_zmq] ipc_socket (master), SUB sockets to [df] publishers_ips and
+    # publisher_port.
     ipc = f"{ipc_dir}/publisher-socket"
     xpub = free_tcp_endpoint()
     broker = make_broker("--pub-bind", f"ipc://{ipc}", "--xpub-bind", xpub)
@@ -154,20 +166,31 @@ def test_dragonflows_zmq_driver_through_the_drop_in_fronts(
 
 
 def _drop_in_fronts(broker: Broker, child: Child, ipc: str, xpub: str) -> None:
-    child.call("set", group="df", name="publisher_multiproc_socket", value=ipc)
+    group, option = IPC_SOCKET_OPTION
+    child.call("set", group=group, name=option, value=ipc)
     child.call("set", group="zbroker", name="publisher_endpoints", value=[broker.pub_endpoint])
     child.call("set", group="zbroker", name="subscriber_endpoints", value=[broker.sub_endpoint])
     topics = ["D", "project-a"]
-    assert child.call(
-        "subscriber", name="zmq", driver="zmq_pubsub_driver", topics=topics, uris=[xpub]
-    ) == ("ZMQSubscriberAgent")
-    assert child.call("subscriber", name="native", driver=ALIAS, topics=topics) == (
-        "ZbrokerSubscriberAgent"
-    )
-    assert child.call("publisher", name="push", driver="zmq_pubsub_multiproc_driver") == (
-        "ZMQPublisherMultiprocAgent"
-    )
-    assert child.call("publisher", name="native", driver=ALIAS) == "ZbrokerPublisherAgent"
+    # Dragonflow's SUB subscriber and ipc PUSH publisher: one driver on
+    # master, two on 4.0.0.
+    alias, driver = ZMQ_SUBSCRIBER_DRIVER
+    assert child.call("subscriber", name="zmq", driver=alias, topics=topics, uris=[xpub]) == [
+        driver,
+        "ZMQSubscriberAgent",
+    ]
+    assert child.call("subscriber", name="native", driver=ALIAS, topics=topics) == [
+        "ZbrokerPubSub",
+        "ZbrokerSubscriberAgent",
+    ]
+    alias, driver = ZMQ_PUBLISHER_DRIVER
+    assert child.call("publisher", name="push", driver=alias) == [
+        driver,
+        "ZMQPublisherMultiprocAgent",
+    ]
+    assert child.call("publisher", name="native", driver=ALIAS) == [
+        "ZbrokerPubSub",
+        "ZbrokerPublisherAgent",
+    ]
     both = ["zmq", "native"]
     for publisher in ["push", "native"]:
         for subscriber in both:

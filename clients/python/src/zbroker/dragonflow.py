@@ -6,7 +6,8 @@ Enable it in Dragonflow's configuration::
     enable_df_pub_sub = True
     pub_sub_driver = zbroker_pubsub_driver
     # Dragonflow 4.0.0 defaults this to True, which makes neutron-server
-    # publish through [df] pub_sub_multiproc_driver instead of this driver.
+    # publish through [df] pub_sub_multiproc_driver instead of this driver
+    # (master has no such option, and ignores the line).
     pub_sub_use_multiproc = False
 
     [zbroker]
@@ -36,11 +37,14 @@ in the entry-point group ``dragonflow.pubsub_driver``; the dotted path
   them: an address where no broker listens is only tried, for
   ``connect_timeout`` (2 s), when failing over.
 
-Dragonflow's other ``[df]`` publisher options (``publisher_bind_address``,
-``publisher_multiproc_socket``) do not apply to this driver.
+Dragonflow's other publisher options (``[df] publisher_bind_address``, and
+``[df] publisher_multiproc_socket`` on 4.0.0, ``[df_zmq] ipc_socket`` on
+master) do not apply to this driver.
 
 Works with Dragonflow 4.0.0's base classes (``is_daemonize``) and with
-master's (``is_running``); Dragonflow needs msgpack < 1.0. Under eventlet
+master's (``is_running``, false before ``initialize``, as master's
+``NbApi`` asks it first); scripts/test-dragonflow tests it through both.
+Dragonflow needs msgpack < 1.0. Under eventlet
 (Dragonflow's services monkey-patch), every call that may wait on a socket runs
 in eventlet's thread pool, so green threads keep running. Importing this
 module registers the ``[zbroker]`` options in ``oslo_config.cfg.CONF``.
@@ -75,7 +79,8 @@ OPTS = [
         "Dragonflow's publishers: one is used at a time, the next when it "
         "cannot be reached. Replaces [df] publisher_transport, "
         "publisher_bind_address, publisher_port and "
-        "publisher_multiproc_socket for publishing.",
+        "publisher_multiproc_socket ([df_zmq] ipc_socket on master) for "
+        "publishing.",
     ),
     cfg.ListOpt(
         "subscriber_endpoints",
