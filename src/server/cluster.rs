@@ -167,8 +167,8 @@ impl ClusterSockets {
     }
 }
 
-/// Binds the cluster endpoint, makes `core` a member and opens a link to
-/// every static peer (etcd membership adds its links as members appear).
+/// Binds the cluster endpoint and makes `core` a member; links follow
+/// membership ([`Server::set_members`](super::Server::set_members)).
 pub(crate) fn start(
     context: &zmq::Context,
     config: &Config,
@@ -176,7 +176,7 @@ pub(crate) fn start(
     poll: &Poll,
     core: &mut crate::broker::Broker<crate::frame::Frame>,
 ) -> Result<ClusterSockets, ServerError> {
-    let mut sockets = ClusterSockets::bind(context, config, bind, poll, CLUSTER)?;
+    let sockets = ClusterSockets::bind(context, config, bind, poll, CLUSTER)?;
     let identity = Identity {
         broker_id: config.cluster.id.clone().unwrap_or_else(random_broker_id),
         epoch: new_epoch(),
@@ -188,25 +188,6 @@ pub(crate) fn start(
         "peers connect to"
     );
     core.enable_cluster(identity);
-    let advertised = config
-        .cluster
-        .advertise
-        .as_deref()
-        .unwrap_or(&sockets.endpoint)
-        .to_string();
-    let now = std::time::Instant::now();
-    for peer in &config.cluster.peers {
-        // A shared peer list names this broker too.
-        if *peer == advertised
-            || *peer == sockets.endpoint
-            || Some(peer) == config.cluster.bind.as_ref()
-        {
-            continue;
-        }
-        if let Some(id) = core.add_link(peer, now) {
-            sockets.connect(context, config, poll, id, peer)?;
-        }
-    }
     Ok(sockets)
 }
 
@@ -268,4 +249,44 @@ fn random_u64() -> u64 {
     );
     hasher.write_u32(std::process::id());
     hasher.finish()
+}
+
+impl super::Server {
+    /// Brings the outgoing links in line with `endpoints`, the other
+    /// members' cluster endpoints as membership reports them: opens a link
+    /// to each new one and closes the link of each member gone (its
+    /// interest here expires with its silence).
+    pub(crate) fn set_members(&mut self, endpoints: &[String]) -> Result<(), ServerError> {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return Ok(());
+        };
+        let gone: Vec<LinkId> = cluster
+            .links
+            .iter()
+            .filter(|l| !endpoints.contains(&l.endpoint))
+            .map(|l| l.id)
+            .collect();
+        for id in gone {
+            cluster.disconnect(&self.poll, id);
+            self.core.remove_link(id);
+        }
+        let now = std::time::Instant::now();
+        let bound = cluster.endpoint.clone();
+        let me = [
+            Some(&bound),
+            self.config.cluster.bind.as_ref(),
+            self.config.cluster.advertise.as_ref(),
+        ];
+        for endpoint in endpoints {
+            // A shared peer list names this broker too.
+            if me.contains(&Some(endpoint)) || cluster.links.iter().any(|l| l.endpoint == *endpoint)
+            {
+                continue;
+            }
+            if let Some(id) = self.core.add_link(endpoint, now) {
+                cluster.connect(&self.context, &self.config, &self.poll, id, endpoint)?;
+            }
+        }
+        Ok(())
+    }
 }

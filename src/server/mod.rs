@@ -176,7 +176,8 @@ impl Server {
         for endpoint in &xpub_endpoints {
             tracing::info!(%endpoint, "plain SUB sockets connect to");
         }
-        Ok(Server {
+        let static_peers = config.cluster.peers.clone();
+        let mut server = Server {
             linger,
             pull,
             router,
@@ -206,7 +207,9 @@ impl Server {
             authenticated: zap_on,
             libzmq_queued_bytes: 0,
             xpub_sub_drops: 0,
-        })
+        };
+        server.set_members(&static_peers)?;
+        Ok(server)
     }
 
     /// The first endpoint publishers connect to, as bound (port resolved).

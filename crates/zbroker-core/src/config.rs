@@ -272,7 +272,7 @@ pub struct ClusterConfig {
     )]
     pub etcd: Vec<String>,
     /// The cluster's name: members register under
-    /// /zbroker/<name>/members/ in etcd.
+    /// `/zbroker/<name>/members/` in etcd.
     #[cfg_attr(feature = "clap", arg(long = "cluster-name", value_name = "NAME"))]
     pub name: String,
     /// This broker's id in the cluster, unique among its members; a random

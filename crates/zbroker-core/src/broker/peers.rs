@@ -286,7 +286,7 @@ impl<P: Payload> Broker<P> {
                         epoch: me.epoch,
                         version,
                     };
-                    self.to_peer(routing_id, &pong, out);
+                    self.send_to_peer(routing_id, &pong, out);
                 }
             }
             (
@@ -300,7 +300,7 @@ impl<P: Payload> Broker<P> {
                 let reset = LinkMessage::Reset {
                     reason: "no state for this link; send HELLO",
                 };
-                self.to_peer(routing_id, &reset, out);
+                self.send_to_peer(routing_id, &reset, out);
             }
             (_, _) => {
                 self.peer_protocol_error(routing_id, "a message only links receive", now, out);
@@ -335,7 +335,7 @@ impl<P: Payload> Broker<P> {
             if broker_id != me {
                 tracing::warn!(peer = broker_id, "refused a peer link: {reason}");
             }
-            self.to_peer(routing_id, &LinkMessage::Refused { reason: &reason }, out);
+            self.send_to_peer(routing_id, &LinkMessage::Refused { reason: &reason }, out);
             return;
         }
         // The record this peer had, under this connection or another one.
@@ -547,7 +547,7 @@ impl<P: Payload> Broker<P> {
         }
         self.counters.peer_resets += 1;
         let routing_id = sub.routing_id.clone();
-        self.to_peer(&routing_id, &LinkMessage::Reset { reason: why }, out);
+        self.send_to_peer(&routing_id, &LinkMessage::Reset { reason: why }, out);
     }
 
     fn peer_protocol_error(
@@ -563,10 +563,10 @@ impl<P: Payload> Broker<P> {
             format_args!("a peer link ({}) sent {why}", Hex(routing_id)),
         );
         let reason = format!("unreadable: {why}");
-        self.to_peer(routing_id, &LinkMessage::Reset { reason: &reason }, out);
+        self.send_to_peer(routing_id, &LinkMessage::Reset { reason: &reason }, out);
     }
 
-    fn to_peer(
+    fn send_to_peer(
         &mut self,
         routing_id: &[u8],
         message: &LinkMessage<'_>,

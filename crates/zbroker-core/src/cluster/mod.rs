@@ -15,7 +15,7 @@
 //!
 //! This module holds the pieces that need no broker: the wire format
 //! ([`wire`]), the interest table ([`interest`]) and the state of the
-//! outgoing links ([`Links`]); the broker (`broker::peers`) ties them to
+//! outgoing links ([`Link`]); the broker (`broker::peers`) ties them to
 //! the routing index and the subscriber table.
 
 use std::time::{Duration, Instant};

@@ -144,8 +144,10 @@ struct Sim {
 }
 
 fn config() -> BrokerConfig {
-    let mut config = BrokerConfig::default();
-    config.sub_timeout = Duration::from_secs(3600);
+    let mut config = BrokerConfig {
+        sub_timeout: Duration::from_secs(3600),
+        ..BrokerConfig::default()
+    };
     config.limits.max_commands_per_sec = 1_000_000;
     config
 }
