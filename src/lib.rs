@@ -30,6 +30,7 @@ pub mod config;
 #[allow(unsafe_code)]
 mod ffi;
 pub mod frame;
+pub mod membership;
 pub mod metrics;
 pub mod server;
 

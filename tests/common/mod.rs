@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod etcd;
 pub mod metrics;
 pub mod procfs;
 pub mod zmtp;
