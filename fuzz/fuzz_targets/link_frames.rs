@@ -42,10 +42,13 @@ impl Transport<Bytes> for Sink {
 
 fn broker(id: &str, now: Instant) -> Broker<Bytes> {
     let mut broker = Broker::new(BrokerConfig::default(), now);
-    broker.enable_cluster(Identity {
-        broker_id: id.into(),
-        epoch: 1,
-    });
+    broker.enable_cluster(
+        Identity {
+            broker_id: id.into(),
+            epoch: 1,
+        },
+        now,
+    );
     broker
 }
 

@@ -187,7 +187,7 @@ pub(crate) fn start(
         epoch = identity.epoch,
         "peers connect to"
     );
-    core.enable_cluster(identity);
+    core.enable_cluster(identity, std::time::Instant::now());
     Ok(sockets)
 }
 
@@ -288,5 +288,112 @@ impl super::Server {
             }
         }
         Ok(())
+    }
+}
+
+/// This broker's etcd membership and what its thread reports.
+pub(crate) struct Membership {
+    // Dropped first: revokes the lease, so peers forget this broker at once.
+    registration: Option<crate::membership::EtcdMembership>,
+    events: std::sync::mpsc::Receiver<crate::membership::MembershipEvent>,
+    /// etcd answers (as of the last event).
+    pub(crate) registry_up: bool,
+    /// Times etcd became unreachable.
+    pub(crate) registry_losses: u64,
+    /// Members known (this broker not counted).
+    pub(crate) members: u64,
+}
+
+impl Membership {
+    /// Registers this broker under `/zbroker/<name>/members/<id>` with its
+    /// advertised cluster endpoint and starts watching the others.
+    pub(crate) fn start(
+        config: &Config,
+        sockets: &ClusterSockets,
+        core: &crate::broker::Broker<crate::frame::Frame>,
+        stopper: &super::Stopper,
+    ) -> Result<Membership, ServerError> {
+        let cluster = &config.cluster;
+        let id = core
+            .identity()
+            .map(|me| me.broker_id.clone())
+            .unwrap_or_else(random_broker_id);
+        let me = crate::membership::Member {
+            id,
+            endpoint: cluster
+                .advertise
+                .clone()
+                .unwrap_or_else(|| sockets.endpoint.clone()),
+            public_key: None,
+        };
+        let mut settings =
+            crate::membership::EtcdSettings::new(cluster.etcd.clone(), cluster.name.clone());
+        settings.lease_ttl = cluster.lease_ttl;
+        let (sender, events) = std::sync::mpsc::channel();
+        let registration =
+            crate::membership::EtcdMembership::start(settings, me, sender, stopper.waker())
+                .map_err(|e| ServerError::Membership(e.to_string()))?;
+        tracing::info!(
+            etcd = ?cluster.etcd,
+            cluster = cluster.name,
+            "cluster membership from etcd"
+        );
+        Ok(Membership {
+            registration: Some(registration),
+            events,
+            registry_up: false,
+            registry_losses: 0,
+            members: 0,
+        })
+    }
+
+    /// Deregisters (revokes the lease), bounded in time.
+    pub(crate) fn stop(&mut self) {
+        if let Some(registration) = self.registration.take() {
+            registration.stop();
+        }
+    }
+}
+
+impl super::Server {
+    /// Applies what the membership thread reported since the last call:
+    /// links follow the member list; while etcd is away the last list
+    /// stays.
+    pub(crate) fn poll_membership(&mut self) -> Result<(), ServerError> {
+        use crate::membership::MembershipEvent;
+        loop {
+            let Some(membership) = self.membership.as_mut() else {
+                return Ok(());
+            };
+            let event = match membership.events.try_recv() {
+                Ok(event) => event,
+                Err(_) => return Ok(()),
+            };
+            match event {
+                MembershipEvent::Members(members) => {
+                    membership.registry_up = true;
+                    membership.members = members.len() as u64;
+                    tracing::info!(
+                        members = ?members.iter().map(|m| (&m.id, &m.endpoint)).collect::<Vec<_>>(),
+                        "cluster members"
+                    );
+                    let endpoints: Vec<String> = members.into_iter().map(|m| m.endpoint).collect();
+                    self.set_members(&endpoints)?;
+                    self.core.members_known();
+                }
+                MembershipEvent::EtcdLost(why) => {
+                    membership.registry_up = false;
+                    membership.registry_losses += 1;
+                    tracing::warn!(
+                        members = membership.members,
+                        "etcd unreachable ({why}): keeping the last known members"
+                    );
+                }
+                MembershipEvent::EtcdBack => {
+                    membership.registry_up = true;
+                    tracing::info!("etcd reachable again: this broker is registered again");
+                }
+            }
+        }
     }
 }

@@ -22,6 +22,15 @@ pub enum ServerError {
     Config(crate::config::ConfigError),
     /// CURVE keys or key lists could not be loaded.
     Auth(crate::auth::AuthError),
+    /// A peer link's endpoint was refused by libzmq (not a valid endpoint).
+    Connect {
+        /// The peer endpoint, as configured or registered.
+        endpoint: String,
+        /// libzmq's reason.
+        source: zmq::Error,
+    },
+    /// etcd membership could not start (its message says what to change).
+    Membership(String),
 }
 
 impl fmt::Display for ServerError {
@@ -33,11 +42,16 @@ impl fmt::Display for ServerError {
                 source,
             } => {
                 write!(f, "cannot bind the {role} endpoint {endpoint}: {source}")?;
+                let flag = match *role {
+                    "publisher" => "pub-bind",
+                    "subscriber" => "sub-bind",
+                    "XPUB front" => "xpub-bind",
+                    _ => "cluster-bind",
+                };
                 if *source == zmq::Error::EADDRINUSE {
                     write!(
                         f,
-                        " (is another broker running? choose another address with --{}-bind)",
-                        &role[..3]
+                        " (is another broker running? choose another address with --{flag})"
                     )?;
                 }
                 Ok(())
@@ -46,6 +60,12 @@ impl fmt::Display for ServerError {
             ServerError::Io(what, e) => write!(f, "{what}: {e}"),
             ServerError::Config(e) => e.fmt(f),
             ServerError::Auth(e) => e.fmt(f),
+            ServerError::Connect { endpoint, source } => write!(
+                f,
+                "cannot open a peer link to {endpoint}: {source} (peers are endpoints such as \
+                 tcp://10.0.0.2:5580; check --cluster-peers or the etcd members)"
+            ),
+            ServerError::Membership(why) => write!(f, "cluster membership: {why}"),
         }
     }
 }

@@ -118,6 +118,7 @@ impl Server {
                 self.xpub.as_mut(),
                 self.cluster.as_mut(),
             ));
+            self.poll_membership()?;
             if now >= next_tick {
                 next_tick = self.core.tick(
                     now,
@@ -142,7 +143,7 @@ impl Server {
             }
             // Publishers held back by the backpressure policy wait in
             // libzmq's queues; their input must not keep the loop spinning.
-            let publishers_ready = !self.core.publishers_paused() && has_input(&self.pull)?;
+            let publishers_ready = !self.publishers_held(now) && has_input(&self.pull)?;
             let notices_ready = match &self.xpub {
                 Some(xpub) => has_input(xpub)?,
                 None => false,
@@ -287,12 +288,19 @@ impl Server {
         Ok(most)
     }
 
+    /// Whether publishers wait: held back by the backpressure policy, or,
+    /// in a broker that just joined its cluster, until its peers' interest
+    /// is in ([`Broker::cluster_warming`](crate::broker::Broker::cluster_warming)).
+    fn publishers_held(&mut self, now: Instant) -> bool {
+        self.core.publishers_paused() || self.core.cluster_warming(now)
+    }
+
     /// Reads up to [`BATCH`] publisher messages and routes them; returns
     /// how many. Their deliveries are sent after the batch, one run per
     /// subscriber (see [`Broker::route_publish`](crate::broker::Broker::route_publish)).
     fn read_publishers(&mut self, now: Instant) -> Result<usize, ServerError> {
         let mut read = 0;
-        while read < BATCH && !self.core.publishers_paused() {
+        while read < BATCH && !self.publishers_held(now) {
             match self.publish_frames[0].recv(&mut self.pull, zmq::DONTWAIT) {
                 Ok(()) => {}
                 Err(zmq::Error::EAGAIN) => break,

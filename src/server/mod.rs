@@ -32,7 +32,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::frame::Frame;
 use crate::metrics::{Exporter, Snapshot};
-use cluster::ClusterSockets;
+use cluster::{ClusterSockets, Membership};
 use error::zmq_call;
 use monitor::Watch;
 
@@ -79,6 +79,9 @@ pub struct Server {
     link_frames: [Frame; 3],
     /// The configuration, for the sockets of links added later.
     config: Config,
+    /// etcd membership, with `--cluster-etcd`: the thread keeping this
+    /// broker registered and what it reports.
+    membership: Option<Membership>,
     /// The sender's CURVE key, copied out of the frame it came with so the
     /// frames can be lent mutably; reused, so it does not allocate.
     user_id: String,
@@ -177,6 +180,11 @@ impl Server {
             tracing::info!(%endpoint, "plain SUB sockets connect to");
         }
         let static_peers = config.cluster.peers.clone();
+        let stopper = Stopper::new(waker);
+        let membership = match (&cluster, config.cluster.etcd.is_empty()) {
+            (Some(sockets), false) => Some(Membership::start(&config, sockets, &core, &stopper)?),
+            _ => None,
+        };
         let mut server = Server {
             linger,
             pull,
@@ -189,7 +197,8 @@ impl Server {
             pub_endpoints,
             sub_endpoints,
             xpub_endpoints,
-            stopper: Stopper::new(waker),
+            stopper,
+            membership,
             stats,
             zap,
             publisher_watch,
@@ -209,6 +218,9 @@ impl Server {
             xpub_sub_drops: 0,
         };
         server.set_members(&static_peers)?;
+        if server.membership.is_none() {
+            server.core.members_known();
+        }
         Ok(server)
     }
 

@@ -38,6 +38,12 @@ impl Stopper {
         let _ = self.waker.wake();
     }
 
+    /// The waker of the loop's poller, for other threads that report to
+    /// the loop (etcd membership).
+    pub(crate) fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
     /// Asks for a stop from the loop's own thread, which needs no waking.
     fn request(&self) {
         self.requested.store(true, Ordering::Release);
@@ -85,6 +91,10 @@ impl Server {
     /// connection is left.
     pub(crate) fn shut_down(mut self) -> Result<Snapshot, ServerError> {
         let deadline = Instant::now() + self.linger;
+        // Peers forget this broker at once rather than after the lease.
+        if let Some(membership) = self.membership.as_mut() {
+            membership.stop();
+        }
         // Closing PULL refuses new messages; publishers' PUSH sockets keep
         // theirs queued for the next broker.
         drop(std::mem::replace(

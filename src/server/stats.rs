@@ -3,6 +3,7 @@
 //! tick for [`StatsHandle`] readers on other threads.
 
 use std::sync::{Arc, Mutex};
+use zbroker_core::counters::MembershipFigures;
 
 use super::Server;
 use crate::metrics::{Connections, Snapshot};
@@ -50,6 +51,20 @@ impl Server {
         };
         snapshot.libzmq_queued_bytes = self.libzmq_queued_bytes;
         snapshot.xpub_sub_drops = self.xpub_sub_drops;
+        if let Some(cluster) = &self.cluster {
+            snapshot.membership = match &self.membership {
+                Some(m) => MembershipFigures {
+                    members: m.members,
+                    registry_up: u64::from(m.registry_up),
+                    registry_losses: m.registry_losses,
+                },
+                None => MembershipFigures {
+                    members: cluster.links.len() as u64,
+                    registry_up: 1,
+                    registry_losses: 0,
+                },
+            };
+        }
         snapshot
     }
 }

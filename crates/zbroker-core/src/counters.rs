@@ -146,6 +146,20 @@ pub struct Snapshot {
     pub connections: Connections,
     /// One entry per peer broker, both directions of its link merged.
     pub peers_detail: Vec<PeerFigures>,
+    /// Membership as the event loop sees it (zero in the bare core).
+    pub membership: MembershipFigures,
+}
+
+/// Where the cluster's member list comes from, and how that source fares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembershipFigures {
+    /// Members known, this broker not counted.
+    pub members: u64,
+    /// 1 while the registry (etcd) answers, 0 while it does not; 1 with
+    /// static membership.
+    pub registry_up: u64,
+    /// Times the registry became unreachable.
+    pub registry_losses: u64,
 }
 
 /// What one peer broker's links carried, as seen from this broker.

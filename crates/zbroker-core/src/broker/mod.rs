@@ -392,6 +392,7 @@ impl<P: Payload> Broker<P> {
             peers: self.subs.peer_count() as u64,
             interest_filters: self.interest_len() as u64,
             peers_detail: self.peer_figures(),
+            membership: Default::default(),
         }
     }
 

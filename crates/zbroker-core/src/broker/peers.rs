@@ -70,12 +70,12 @@ impl<P: Payload> Broker<P> {
     /// peers' links. Idempotent; the first identity stays.
     ///
     /// [`on_peer_message`]: Self::on_peer_message
-    pub fn enable_cluster(&mut self, me: Identity) {
+    pub fn enable_cluster(&mut self, me: Identity, now: Instant) {
         if self.cluster.is_some() {
             return;
         }
         let settings = &self.config.cluster;
-        let mut cluster = Cluster::new(me, settings.ping_interval, settings.peer_timeout);
+        let mut cluster = Cluster::new(me, settings.ping_interval, settings.peer_timeout, now);
         for (_, sub) in self.subs.iter() {
             for filter in &sub.filters {
                 cluster.note(true, filter);
@@ -88,6 +88,66 @@ impl<P: Payload> Broker<P> {
         }
         cluster.outbox.clear();
         self.cluster = Some(cluster);
+    }
+
+    /// The member list is known (static peers, or the registry's first
+    /// list): from now on the broker waits only for the listed peers'
+    /// interest before reading publishers (see
+    /// [`cluster_warming`](Self::cluster_warming)).
+    pub fn members_known(&mut self) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.members_known = true;
+        }
+    }
+
+    /// Whether a broker that just joined must still hold its publishers
+    /// back: until the member list is known and every peer's link has
+    /// delivered its interest snapshot, or `peer_timeout` has passed since
+    /// the start. A message read earlier would reach local subscribers
+    /// only, with no gap anywhere to show it: a restarted broker's
+    /// publishers (with what they queued meanwhile) are the common case.
+    /// Always false unclustered.
+    pub fn cluster_warming(&mut self, now: Instant) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        if cluster.warm {
+            return false;
+        }
+        let linked = |link: &Link| {
+            matches!(link.state, LinkState::Refused(_))
+                || link.peer.as_ref().is_some_and(|(id, _)| {
+                    self.peer_ids
+                        .get(id)
+                        .and_then(|&sid| self.subs.get(sid))
+                        .and_then(|s| s.peer.as_ref())
+                        .is_some_and(|p| p.version.is_some())
+                })
+        };
+        let ready = cluster.members_known && cluster.links.iter().all(linked);
+        let waited = now.saturating_duration_since(cluster.started) >= cluster.peer_timeout;
+        if ready || waited {
+            let missing: Vec<&str> = cluster
+                .links
+                .iter()
+                .filter(|l| !linked(l))
+                .map(|l| l.endpoint.as_str())
+                .collect();
+            if missing.is_empty() {
+                tracing::info!("every peer's interest is in: reading publishers");
+            } else {
+                tracing::warn!(
+                    ?missing,
+                    "reading publishers without these peers' interest (silent for the peer \
+                     timeout): their subscribers miss what is published until they link"
+                );
+            }
+            if let Some(cluster) = &mut self.cluster {
+                cluster.warm = true;
+            }
+            return false;
+        }
+        true
     }
 
     /// This broker's identity, once clustered.

@@ -130,10 +130,22 @@ pub(crate) struct Cluster {
     pub(crate) peer_timeout: Duration,
     /// Scratch buffer for encoding.
     pub(crate) buf: Vec<u8>,
+    /// When the broker joined: publishers wait at most `peer_timeout` from
+    /// here for the peers' interest.
+    pub(crate) started: Instant,
+    /// The member list is known (static peers at once, etcd's first list).
+    pub(crate) members_known: bool,
+    /// Every peer's interest arrived, or the wait ran out.
+    pub(crate) warm: bool,
 }
 
 impl Cluster {
-    pub(crate) fn new(me: Identity, ping_interval: Duration, peer_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        me: Identity,
+        ping_interval: Duration,
+        peer_timeout: Duration,
+        now: Instant,
+    ) -> Self {
         Cluster {
             me,
             interest: InterestTable::new(),
@@ -143,6 +155,9 @@ impl Cluster {
             ping_interval,
             peer_timeout,
             buf: Vec::new(),
+            started: now,
+            members_known: false,
+            warm: false,
         }
     }
 

@@ -162,15 +162,21 @@ impl Sim {
         let now = Instant::now();
         let mut a = Broker::new(config(), now);
         a.open_xpub_front();
-        a.enable_cluster(Identity {
-            broker_id: "a".into(),
-            epoch: 1,
-        });
+        a.enable_cluster(
+            Identity {
+                broker_id: "a".into(),
+                epoch: 1,
+            },
+            now,
+        );
         let mut b = Broker::new(config(), now);
-        b.enable_cluster(Identity {
-            broker_id: "b".into(),
-            epoch: 1,
-        });
+        b.enable_cluster(
+            Identity {
+                broker_id: "b".into(),
+                epoch: 1,
+            },
+            now,
+        );
         let link = a.add_link("inproc://b", now).expect("A is clustered");
         Sim {
             a,
@@ -304,10 +310,13 @@ impl Sim {
     fn restart_b(&mut self) {
         self.restarts += 1;
         let mut b = Broker::new(config(), self.now);
-        b.enable_cluster(Identity {
-            broker_id: "b".into(),
-            epoch: 1 + self.restarts,
-        });
+        b.enable_cluster(
+            Identity {
+                broker_id: "b".into(),
+                epoch: 1 + self.restarts,
+            },
+            self.now,
+        );
         self.b = b;
         self.wire.to_b.clear();
         self.wire.to_a.clear();
