@@ -335,7 +335,24 @@ fn render_cluster(registry: &mut prometheus_client::registry::Registry, snapshot
         "Full interest snapshots sent to and received from peers",
         snapshots,
     );
+    let losses = Counter::<u64>::default();
+    losses.inc_by(snapshot.membership.registry_losses);
+    registry.register(
+        "cluster_registry_losses",
+        "Times etcd (the member registry) became unreachable",
+        losses,
+    );
     for (name, help, value) in [
+        (
+            "cluster_members",
+            "Cluster members known, this broker not counted",
+            snapshot.membership.members,
+        ),
+        (
+            "cluster_registry_up",
+            "1 while the member registry (etcd) answers; 1 with static peers",
+            snapshot.membership.registry_up,
+        ),
         (
             "cluster_peers_served",
             "Peer links served on the cluster endpoint",
