@@ -206,6 +206,12 @@ impl ZapHandler {
         })
     }
 
+    /// Checks handshakes against `acl` from now on (a key-list reload);
+    /// connections already admitted stay.
+    pub fn set_acl(&mut self, acl: std::sync::Arc<Acl>) {
+        self.acl = acl;
+    }
+
     /// The socket, for registering its `ZMQ_FD` with the poller.
     pub fn socket(&self) -> &zmq::Socket {
         &self.socket

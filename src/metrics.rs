@@ -197,6 +197,25 @@ pub fn render(snapshot: &Snapshot) -> String {
     let auth = Counter::<u64>::default();
     auth.inc_by(snapshot.connections.auth_denied);
     registry.register("auth_denied", "CURVE keys the ZAP handler refused", auth);
+    let reloads = Family::<Labels, Counter<u64>>::default();
+    reloads
+        .get_or_create(&vec![("outcome", "installed")])
+        .inc_by(snapshot.connections.key_reloads);
+    reloads
+        .get_or_create(&vec![("outcome", "refused")])
+        .inc_by(snapshot.connections.key_reload_failures);
+    registry.register(
+        "key_reloads",
+        "Key-list reloads (SIGHUP): installed, or refused because a list did not load",
+        reloads,
+    );
+    let revoked = Counter::<u64>::default();
+    revoked.inc_by(c.revoked_filters);
+    registry.register(
+        "filters_revoked",
+        "Subscriber filters cut because reloaded key lists no longer allow them",
+        revoked,
+    );
 
     let gauges: [(&str, &str, u64); 12] = [
         (

@@ -79,6 +79,9 @@ pub struct Server {
     link_frames: [Frame; 3],
     /// The configuration, for the sockets of links added later.
     config: Config,
+    /// Key-list reloads done, and refused (the lists did not load).
+    key_reloads: u64,
+    key_reload_failures: u64,
     /// etcd membership, with `--cluster-etcd`: the thread keeping this
     /// broker registered and what it reports.
     membership: Option<Membership>,
@@ -199,6 +202,8 @@ impl Server {
             xpub_endpoints,
             stopper,
             membership,
+            key_reloads: 0,
+            key_reload_failures: 0,
             stats,
             zap,
             publisher_watch,

@@ -29,16 +29,70 @@ pub fn check(config: &Config) -> Result<Option<Security>, ServerError> {
             zmq::Error::ENOTSUP,
         ));
     }
-    let max = config.limits.max_filter_len;
     let keys = auth::read_secret_key(&curve.secret_key_file).map_err(ServerError::Auth)?;
-    let acl = Acl {
-        publishers: auth::load_key_list(&curve.publisher_keys, max).map_err(ServerError::Auth)?,
-        subscribers: auth::load_key_list(&curve.subscriber_keys, max).map_err(ServerError::Auth)?,
+    let Some(acl) = load_acl(config)? else {
+        return Ok(None);
     };
     Ok(Some(Security {
         keys,
         acl: Arc::new(acl),
     }))
+}
+
+/// Loads the key lists `config` names into a new ACL; what a reload
+/// installs, or why it cannot.
+pub fn load_acl(config: &Config) -> Result<Option<Acl>, ServerError> {
+    let Some(curve) = &config.curve else {
+        return Ok(None);
+    };
+    let max = config.limits.max_filter_len;
+    Ok(Some(Acl {
+        publishers: auth::load_key_list(&curve.publisher_keys, max).map_err(ServerError::Auth)?,
+        subscribers: auth::load_key_list(&curve.subscriber_keys, max).map_err(ServerError::Auth)?,
+    }))
+}
+
+impl super::Server {
+    /// Re-reads the key lists (SIGHUP, `systemctl reload`) and enforces
+    /// them from now on: new handshakes are checked against them, and
+    /// what they no longer allow is cut from connected subscribers (see
+    /// [`Broker::replace_acl`](crate::broker::Broker::replace_acl)). A list
+    /// that does not load changes nothing; the log says why.
+    pub(crate) fn reload_keys(&mut self) {
+        let acl = match load_acl(&self.config) {
+            Ok(Some(acl)) => Arc::new(acl),
+            Ok(None) => {
+                tracing::warn!("nothing to reload: CURVE is off, so there are no key lists");
+                return;
+            }
+            Err(e) => {
+                self.key_reload_failures += 1;
+                tracing::error!("key lists not reloaded, the running ones stay: {e}");
+                return;
+            }
+        };
+        if let Some(zap) = self.zap.as_mut() {
+            zap.set_acl(Arc::clone(&acl));
+        }
+        let (publishers, subscribers) = (acl.publishers.len(), acl.subscribers.len());
+        let revoked = self.core.replace_acl(
+            acl,
+            std::time::Instant::now(),
+            &mut super::RouterTransport::full(
+                &mut self.router,
+                self.xpub.as_mut(),
+                self.cluster.as_mut(),
+            ),
+        );
+        self.key_reloads += 1;
+        tracing::info!(
+            publishers,
+            subscribers,
+            revoked_filters = revoked.filters,
+            revoked_subscribers = revoked.subscribers,
+            "key lists reloaded"
+        );
+    }
 }
 
 impl Security {

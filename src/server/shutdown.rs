@@ -55,11 +55,12 @@ impl Stopper {
     }
 }
 
-/// SIGINT and SIGTERM, delivered to `poll` as readiness of
-/// [`SIGNALS`] instead of interrupting whatever the loop is doing.
+/// SIGINT and SIGTERM (stop) and SIGHUP (reload the key lists),
+/// delivered to `poll` as readiness of [`SIGNALS`] instead of interrupting
+/// whatever the loop is doing.
 pub(crate) fn catch_signals(poll: &Poll) -> Result<Signals, ServerError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = Signals::new([SIGINT, SIGTERM])
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| ServerError::Io("install signal handlers", e))?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)
@@ -68,14 +69,22 @@ pub(crate) fn catch_signals(poll: &Poll) -> Result<Signals, ServerError> {
 }
 
 impl Server {
-    /// A stop signal arrived: logs which, and stops like [`Stopper::stop`].
+    /// Signals arrived: SIGHUP reloads the key lists; SIGINT and SIGTERM
+    /// stop like [`Stopper::stop`]. Each is logged.
     pub(crate) fn on_signals(&mut self) {
-        if let Some(signals) = self.signals.as_mut() {
-            for signal in signals.pending() {
+        let pending: Vec<i32> = match self.signals.as_mut() {
+            Some(signals) => signals.pending().collect(),
+            None => return,
+        };
+        for signal in pending {
+            if signal == signal_hook::consts::SIGHUP {
+                tracing::info!(signal, "reloading the key lists on signal");
+                self.reload_keys();
+            } else {
                 tracing::info!(signal, "stopping on signal");
+                self.stopper.request();
             }
         }
-        self.stopper.request();
     }
 
     /// Stops reading publishers and keeps serving subscribers for up to the

@@ -46,6 +46,8 @@ impl Server {
                 + self.subscriber_watch.handshake_failures
                 + self.xpub_watch.as_ref().map_or(0, |w| w.handshake_failures),
             auth_denied: self.zap.as_ref().map_or(0, |z| z.denied),
+            key_reloads: self.key_reloads,
+            key_reload_failures: self.key_reload_failures,
             publisher_refusals: self.publisher_watch.refusals.clone(),
             subscriber_refusals: self.subscriber_watch.refusals.clone(),
         };

@@ -82,6 +82,9 @@ pub struct Counters {
     pub xpub_refused_notices: u64,
     /// Messages from the XPUB socket that were not subscription notices.
     pub xpub_malformed_notices: u64,
+    /// Subscriber filters cut because reloaded key lists no longer allow
+    /// them.
+    pub revoked_filters: u64,
     /// Messages forwarded to peer brokers (once per peer).
     pub peer_forwarded: u64,
     /// Messages received from peer brokers.
@@ -203,6 +206,10 @@ pub struct Connections {
     pub handshake_failures: u64,
     /// CURVE keys the ZAP handler refused.
     pub auth_denied: u64,
+    /// Key-list reloads installed (SIGHUP).
+    pub key_reloads: u64,
+    /// Key-list reloads refused: a list did not load, the old ones stayed.
+    pub key_reload_failures: u64,
     /// Peers libzmq dropped or refused on the publisher endpoint.
     pub publisher_refusals: Refusals,
     /// Peers libzmq dropped or refused on the subscriber endpoint.

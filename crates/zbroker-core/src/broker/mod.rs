@@ -63,6 +63,7 @@ mod commands;
 mod peers;
 mod queues;
 mod rate_limit;
+mod revoke;
 mod staging;
 mod sweep;
 #[cfg(test)]
@@ -73,6 +74,7 @@ mod xpub_front;
 pub use peers::PeerInfo;
 pub(crate) use peers::PeerRecord;
 pub(crate) use rate_limit::TokenBucket;
+pub use revoke::Revoked;
 pub use staging::{MAX_STAGED_DELIVERIES, MAX_STAGED_MESSAGES};
 pub use transport::{Payload, SendOutcome, Transport};
 pub use xpub_front::{Notice, NoticeOutcome};
