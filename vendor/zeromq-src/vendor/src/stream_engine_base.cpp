@@ -764,6 +764,16 @@ void zmq::stream_engine_base_t::timer_event (int id_)
         //  handshake timer expired before handshake completed, so engine fail
         error (timeout_error);
     } else if (id_ == heartbeat_ivl_timer_id) {
+        //  zbroker: an engine whose input stopped (its pipe full) and then
+        //  saw its socket readable has set _io_error and waits for the
+        //  session to drain; sending a PING then tripped the assertion in
+        //  out_event and aborted the process (libzmq#4841). A connection in
+        //  that state has nothing to ping: stop the heartbeat instead, as
+        //  restart_output does.
+        if (unlikely (_io_error)) {
+            _has_heartbeat_timer = false;
+            return;
+        }
         _next_msg = &stream_engine_base_t::produce_ping_message;
         out_event ();
         add_timer (_options.heartbeat_interval, heartbeat_ivl_timer_id);
