@@ -679,14 +679,17 @@ fn open(
     let socket = context.socket(zmq::DEALER)?;
     socket.set_rcvhwm(options.hwm)?;
     socket.set_linger(0)?;
-    // ZMTP heartbeats tell the broker we are alive even while this thread is
-    // busy, but this side never times out on them: libzmq 4.3 aborts
-    // (`Assertion failed: _input_stopped`, zeromq/libzmq#3937) when a
-    // connecting socket's engine dies while backpressure has stopped its
-    // input. Broker silence is judged by PING/PONG instead, and recovery
-    // always opens a fresh socket.
-    socket.set_heartbeat_ivl(millis(options.heartbeat))?;
-    socket.set_heartbeat_timeout(millis(Duration::from_secs(24 * 3600)))?;
+    // No ZMTP heartbeats from this side. libzmq 4.3 aborts the process when
+    // the connection of a connecting socket dies while backpressure has
+    // stopped its input (this client is behind): on a heartbeat timeout
+    // with `Assertion failed: _input_stopped` (zeromq/libzmq#3937), and
+    // with a heartbeat interval alone on the next ZMTP PING it sends,
+    // `Assertion failed: !_io_error` (stream_engine_base.cpp, `out_event`
+    // called from the heartbeat timer after the dead connection's input
+    // error was parked; the assertion of zeromq/libzmq#4841). The broker
+    // hears from us through PING commands (from `recv`, every `heartbeat`),
+    // and libzmq answers its ZMTP PINGs while input flows; broker silence is
+    // judged by PING/PONG.
     // Reconnect quickly after a broker restart: the default backs off to
     // 100 ms, keep it there.
     socket.set_reconnect_ivl(100)?;
