@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::Rng;
 use common::mesh::*;
+use zbroker::client::{Event, ResyncReason};
 use zbroker::filter::Filter;
 
 #[test]
@@ -69,9 +70,12 @@ fn a_broker_killed_and_restarted_costs_its_peers_nothing_and_rejoins() {
     let mut a0 = Member::join("a0", &mesh.sub_endpoint("a"), everything());
     let mut b0 = Member::join("b0", &mesh.sub_endpoint("b"), everything());
     let mut c0 = Member::join("c0", &mesh.sub_endpoint("c"), everything());
+    let on_b_then_c = [mesh.sub_endpoint("b"), mesh.sub_endpoint("c")];
+    let on_b_then_c: Vec<&str> = on_b_then_c.iter().map(String::as_str).collect();
+    let mut mover = Member::join_any("mover", &on_b_then_c, everything());
     let ctx = zmq::Context::new();
     let publisher = common::publisher(&ctx, &mesh.pub_endpoint("a"));
-    probe_all(&publisher, &mut [&mut a0, &mut b0, &mut c0]);
+    probe_all(&publisher, &mut [&mut a0, &mut b0, &mut c0, &mut mover]);
     let mut rng = Rng::new(seed());
     let mut published = publish_random(&publisher, &mut rng, 100, "before");
     collect_all(
@@ -82,10 +86,30 @@ fn a_broker_killed_and_restarted_costs_its_peers_nothing_and_rejoins() {
     assert_exactly_matching(&b0, &published);
 
     mesh.kill("b");
-    published.extend(publish_random(&publisher, &mut rng, 100, "without-b"));
-    collect_all(&publisher, &mut [&mut a0, &mut c0], &[200, 200]);
+    // b's subscriber with a list of brokers moves to the next one and
+    // says so.
+    let failed_over = (0..200).find_map(|_| {
+        let (_, resyncs) = mover.drain(Duration::from_millis(50));
+        resyncs.into_iter().next()
+    });
+    match failed_over {
+        Some(Event::Resync(ResyncReason::FailedOver { to, .. })) => {
+            assert_eq!(to, mesh.sub_endpoint("c"), "b's subscriber moved elsewhere")
+        }
+        other => panic!("b's subscriber did not fail over: {other:?}"),
+    }
+    mover.received.clear();
+    probe_all(&publisher, &mut [&mut mover]);
+    let without_b = publish_random(&publisher, &mut rng, 100, "without-b");
+    published.extend(without_b.iter().cloned());
+    collect_all(
+        &publisher,
+        &mut [&mut a0, &mut c0, &mut mover],
+        &[200, 200, 100],
+    );
     assert_exactly_matching(&a0, &published);
     assert_exactly_matching(&c0, &published);
+    assert_exactly_matching(&mover, &without_b);
     mesh.broker("a").wait_for("b marked down", |m| {
         peer_gauge(m, "zbroker_peer_up", "b") == Some(0)
     });

@@ -186,13 +186,20 @@ pub struct Member {
 
 impl Member {
     pub fn join(name: &str, endpoint: &str, filters: Vec<Filter>) -> Member {
+        Member::join_any(name, &[endpoint], filters)
+    }
+
+    /// A member whose client fails over across `endpoints`, first to last.
+    pub fn join_any(name: &str, endpoints: &[&str], filters: Vec<Filter>) -> Member {
         let options = SubscriberOptions {
             heartbeat: Duration::from_millis(500),
             broker_timeout: Duration::from_secs(2),
             broker_sub_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(1),
             ..SubscriberOptions::default()
         };
-        let mut client = Subscriber::connect_with(endpoint, options).expect("connect a subscriber");
+        let mut client =
+            Subscriber::connect_any_with(endpoints, options).expect("connect a subscriber");
         for filter in &filters {
             client.subscribe(filter).expect("subscribe");
         }
