@@ -553,6 +553,20 @@ pub enum Event {
 /// Text prefixes of the broker's unsolicited `[ERR, limit, …]` notices.
 const NOTICE_PREFIXES: [&[u8]; 2] = [b"expired:", b"cut-off:"];
 
+/// Start of the broker's `[ERR, unauthorized, "revoked: KIND:FILTER …"]`
+/// notice: reloaded key lists took a filter back.
+const REVOKED_PREFIX: &[u8] = b"revoked: ";
+
+/// The filter a revocation notice names (written `kind:text`, up to " is no
+/// longer allowed"), if it reads as one.
+fn revoked_filter(text: &[u8]) -> Option<Filter> {
+    let rest = text.strip_prefix(REVOKED_PREFIX)?;
+    const END: &[u8] = b" is no longer allowed";
+    let end = rest.windows(END.len()).rposition(|w| w == END)?;
+    let spec = std::str::from_utf8(&rest[..end]).ok()?;
+    Filter::parse_cli(spec, usize::MAX).ok()
+}
+
 /// Far enough to stand for "no deadline".
 const ONE_YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -1206,6 +1220,19 @@ impl Subscriber {
             }
             Some(Reply::Err { code, text }) => {
                 let text_str = String::from_utf8_lossy(text).into_owned();
+                if code == ErrorCode::Unauthorized.as_bytes() && text.starts_with(REVOKED_PREFIX) {
+                    // Not an answer: the broker's key lists were reloaded
+                    // and took this filter back; subscribing again would be
+                    // refused, so it is no longer held here either.
+                    match revoked_filter(text) {
+                        Some(filter) => {
+                            self.filters.remove(&filter);
+                            tracing::warn!(%filter, "the broker revoked a filter: {text_str}");
+                        }
+                        None => tracing::warn!("the broker revoked a filter: {text_str}"),
+                    }
+                    return;
+                }
                 if code == ErrorCode::Limit.as_bytes()
                     && NOTICE_PREFIXES.iter().any(|p| text.starts_with(p))
                 {

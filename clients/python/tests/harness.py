@@ -124,6 +124,10 @@ class Broker:
                     )
                 self._cond.wait(min(left, 0.5))
 
+    def wait_for_log(self, needle: str) -> str:
+        """Waits (``WAIT`` at most) for a log line containing ``needle``."""
+        return self._wait_for_line(needle)
+
     def log(self) -> str:
         with self._cond:
             return "\n".join(self.lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -60,3 +61,41 @@ def test_curve_keys_and_acl(
     refused = clients.subscriber(broker.sub_endpoint, curve=stranger, confirm_timeout=0.5)
     with pytest.raises(zbroker.Timeout):
         refused.subscribe("prefix", b"net.")
+
+
+def test_a_filter_revoked_by_a_key_list_reload_is_dropped(
+    make_broker: BrokerFactory, clients: Clients, broker_bin: Path, tmp_path: Path
+) -> None:
+    _keygen(broker_bin, tmp_path / "broker.key")
+    sub_public = _keygen(broker_bin, tmp_path / "sub.key")
+    pub_public = _keygen(broker_bin, tmp_path / "pub.key")
+    subscribers = tmp_path / "subscribers.keys"
+    subscribers.write_text(f"{sub_public}  prefix:net. prefix:log.\n")
+    (tmp_path / "publishers.keys").write_text(f"{pub_public}  prefix:\n")
+    broker = make_broker(
+        "--curve-secret-key",
+        str(tmp_path / "broker.key"),
+        "--publisher-keys",
+        str(tmp_path / "publishers.keys"),
+        "--subscriber-keys",
+        str(subscribers),
+    )
+    server = tmp_path / "broker.key.pub"
+    sub = clients.subscriber(
+        broker.sub_endpoint, curve=zbroker.CurveKeys.from_files(server, tmp_path / "sub.key")
+    )
+    sub.subscribe("prefix", b"net.")
+    sub.subscribe("prefix", b"log.")
+    pub = clients.publisher(
+        broker.pub_endpoint, curve=zbroker.CurveKeys.from_files(server, tmp_path / "pub.key")
+    )
+
+    # The key may keep net. only; the broker tells the subscriber, which
+    # stops holding log. (so it would not subscribe to it again).
+    subscribers.write_text(f"{sub_public}  prefix:net.\n")
+    broker.signal(signal.SIGHUP)
+    broker.wait_for_log("key lists reloaded")
+    _, message = connect_probe(pub, sub, b"net.after")
+    assert message.topic == b"net.after"
+    assert sub.filters == [("prefix", b"net.")]
+    assert not message.gap

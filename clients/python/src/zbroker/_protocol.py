@@ -20,6 +20,7 @@ KINDS = ("exact", "prefix", "pattern")
 #: Text prefixes of the broker's unsolicited ``[ERR, limit, ...]`` notices:
 #: the broker dropped this subscriber's filters.
 NOTICE_PREFIXES = (b"expired:", b"cut-off:")
+REVOKED_PREFIX = b"revoked: "
 
 _HEADER_MIN = 12
 _SEQ = struct.Struct(">Q")
@@ -59,6 +60,25 @@ class Err:
         """An unsolicited notice (the broker forgot this subscriber), not an
         answer to a command."""
         return self.code == b"limit" and self.text.startswith(NOTICE_PREFIXES)
+
+    def is_revocation(self) -> bool:
+        """The broker's key lists were reloaded and took a filter back
+        (``[ERR, unauthorized, "revoked: KIND:FILTER ..."]``): a notice,
+        not an answer."""
+        return self.code == b"unauthorized" and self.text.startswith(REVOKED_PREFIX)
+
+    def revoked_filter(self) -> Optional[Tuple[str, bytes]]:
+        """The ``(kind, filter)`` a revocation names, if it reads as one."""
+        if not self.is_revocation():
+            return None
+        rest = self.text[len(REVOKED_PREFIX) :]
+        end = rest.rfind(b" is no longer allowed")
+        if end < 0:
+            return None
+        kind, sep, flt = rest[:end].partition(b":")
+        if not sep or kind not in (b"exact", b"prefix", b"pattern"):
+            return None
+        return kind.decode("ascii"), flt
 
 
 Reply = Union[Delivery, Pong, Ok, Err]

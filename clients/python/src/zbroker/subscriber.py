@@ -599,6 +599,14 @@ class Subscriber:
 
     def _on_err(self, reply: _protocol.Err) -> None:
         text = reply.text.decode("utf-8", "replace")
+        revoked = reply.revoked_filter()
+        if revoked is not None or reply.is_revocation():
+            # Not an answer: the broker's key lists were reloaded and took
+            # this filter back; subscribing again would be refused.
+            if revoked is not None:
+                self._filters.pop(revoked, None)
+            log.warning("zbroker: the broker revoked a filter: %s", text)
+            return
         if reply.is_notice():
             log.info("zbroker: the broker dropped this subscriber: %s", text)
             self._request_resync(ResyncReason.BROKER_FORGOT, text)
