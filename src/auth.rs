@@ -21,12 +21,14 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub use zbroker_core::acl::{Acl, KeyList, filter_within, is_z85_key};
+pub use zbroker_core::acl::{Acl, KeyList, PeerKeys, filter_within, is_z85_key};
 
 /// The ZAP domain set on the broker's PULL socket.
 pub const PUBLISHER_DOMAIN: &str = "publishers";
 /// The ZAP domain set on the broker's ROUTER socket.
 pub const SUBSCRIBER_DOMAIN: &str = "subscribers";
+/// ZAP domain of the cluster endpoint: peer brokers' links.
+pub const CLUSTER_DOMAIN: &str = "cluster";
 /// Where libzmq sends ZAP requests.
 pub const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 
@@ -68,6 +70,16 @@ impl std::error::Error for AuthError {}
 pub fn load_key_list(path: &Path, max_filter_len: usize) -> Result<KeyList, AuthError> {
     let text = std::fs::read_to_string(path).map_err(|e| AuthError::Io(path.to_path_buf(), e))?;
     KeyList::parse(&text, max_filter_len).map_err(|e| AuthError::Line {
+        path: path.to_path_buf(),
+        line: e.line,
+        problem: e.problem,
+    })
+}
+
+/// Reads and parses a peer-key file ([`PeerKeys::parse`]).
+pub fn load_peer_keys(path: &Path) -> Result<PeerKeys, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AuthError::Io(path.to_path_buf(), e))?;
+    PeerKeys::parse(&text).map_err(|e| AuthError::Line {
         path: path.to_path_buf(),
         line: e.line,
         problem: e.problem,
@@ -275,6 +287,13 @@ impl ZapHandler {
         let list = match domain.as_slice() {
             d if d == PUBLISHER_DOMAIN.as_bytes() => &self.acl.publishers,
             d if d == SUBSCRIBER_DOMAIN.as_bytes() => &self.acl.subscribers,
+            d if d == CLUSTER_DOMAIN.as_bytes() => {
+                return if self.acl.peers.contains(&key) {
+                    (b"200", "OK", key)
+                } else {
+                    (b"400", "peer key not listed", String::new())
+                };
+            }
             _ => return (b"400", "unknown domain", String::new()),
         };
         if list.contains(&key) {

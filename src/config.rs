@@ -236,6 +236,16 @@ pub struct CurveConfig {
     /// it may subscribe to.
     #[arg(long, value_name = "FILE", requires = "secret_key_file")]
     pub subscriber_keys: PathBuf,
+    /// In a cluster: the peer brokers' public keys, one per line, each
+    /// followed by its cluster endpoint (for static peers); only these may
+    /// link to this broker.
+    #[arg(
+        long = "cluster-peer-keys",
+        value_name = "FILE",
+        requires = "secret_key_file"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_peer_keys: Option<PathBuf>,
 }
 
 /// `zbroker run`'s configuration: `--config FILE` and a flag per setting,
@@ -358,6 +368,7 @@ fn key_paths() -> HashMap<String, KeyPath> {
             secret_key_file: PathBuf::new(),
             publisher_keys: PathBuf::new(),
             subscriber_keys: PathBuf::new(),
+            cluster_peer_keys: Some(PathBuf::new()),
         }),
         ..Config::default()
     };
@@ -700,10 +711,14 @@ impl Config {
                     .into(),
             );
         }
-        if self.curve.is_some() {
+        if self
+            .curve
+            .as_ref()
+            .is_some_and(|curve| curve.cluster_peer_keys.is_none())
+        {
             return invalid(
-                "a cluster with CURVE is not supported yet: peer links would run in plaintext; \
-                 run the cluster on a trusted network without [curve], or one broker with it"
+                "with CURVE, peer links use CURVE too: list the peer brokers' public keys \
+                 (and endpoints) in a file and pass it as --cluster-peer-keys"
                     .into(),
             );
         }

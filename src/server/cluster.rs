@@ -61,11 +61,17 @@ impl ClusterSockets {
         bind: &str,
         poll: &Poll,
         token: Token,
+        security: Option<&super::Security>,
     ) -> Result<ClusterSockets, ServerError> {
         let router = zmq_call(
             "create the cluster ROUTER socket",
             context.socket(zmq::ROUTER),
         )?;
+        if let Some(security) = security {
+            // Only listed peer keys get through (the ZAP handler's
+            // `cluster` domain).
+            security.secure(&router, crate::auth::CLUSTER_DOMAIN)?;
+        }
         zmq_call(
             "set ZMQ_ROUTER_MANDATORY",
             router.set_router_mandatory(true),
@@ -96,11 +102,30 @@ impl ClusterSockets {
         poll: &Poll,
         id: LinkId,
         endpoint: &str,
+        curve: Option<(&crate::auth::ServerKeys, &str)>,
     ) -> Result<(), ServerError> {
         let mut socket = zmq_call(
             "create a peer link's DEALER socket",
             context.socket(zmq::DEALER),
         )?;
+        if let Some((own, peer)) = curve {
+            // The link proves this broker's own key, and checks the peer's.
+            let decode = |what: &'static str, key: &str| {
+                zmq::z85_decode(key).map_err(|_| ServerError::Zmq(what, zmq::Error::EINVAL))
+            };
+            zmq_call(
+                "set ZMQ_CURVE_SERVERKEY",
+                socket.set_curve_serverkey(&decode("decode a peer's public key", peer)?),
+            )?;
+            zmq_call(
+                "set ZMQ_CURVE_PUBLICKEY",
+                socket.set_curve_publickey(&decode("decode the public key", &own.public)?),
+            )?;
+            zmq_call(
+                "set ZMQ_CURVE_SECRETKEY",
+                socket.set_curve_secretkey(&decode("decode the secret key", &own.secret)?),
+            )?;
+        }
         zmq_call("set ZMQ_SNDHWM", socket.set_sndhwm(LINK_HWM))?;
         zmq_call("set ZMQ_RCVHWM", socket.set_rcvhwm(LINK_HWM))?;
         zmq_call(
@@ -175,8 +200,9 @@ pub(crate) fn start(
     bind: &str,
     poll: &Poll,
     core: &mut crate::broker::Broker<crate::frame::Frame>,
+    security: Option<&super::Security>,
 ) -> Result<ClusterSockets, ServerError> {
-    let sockets = ClusterSockets::bind(context, config, bind, poll, CLUSTER)?;
+    let sockets = ClusterSockets::bind(context, config, bind, poll, CLUSTER, security)?;
     let identity = Identity {
         broker_id: config.cluster.id.clone().unwrap_or_else(random_broker_id),
         epoch: new_epoch(),
@@ -252,11 +278,18 @@ fn random_u64() -> u64 {
 }
 
 impl super::Server {
-    /// Brings the outgoing links in line with `endpoints`, the other
-    /// members' cluster endpoints as membership reports them: opens a link
-    /// to each new one and closes the link of each member gone (its
-    /// interest here expires with its silence).
-    pub(crate) fn set_members(&mut self, endpoints: &[String]) -> Result<(), ServerError> {
+    /// Brings the outgoing links in line with `members`, the other
+    /// members' cluster endpoints (and public keys, when registered) as
+    /// membership reports them: opens a link to each new one and closes the
+    /// link of each member gone (its interest here expires with its
+    /// silence). Under CURVE a link checks its peer's key: the member's
+    /// own, else the one `--cluster-peer-keys` lists for its endpoint; a
+    /// member with neither gets no link, and an error in the log.
+    pub(crate) fn set_members(
+        &mut self,
+        members: &[(String, Option<String>)],
+    ) -> Result<(), ServerError> {
+        let endpoints: Vec<String> = members.iter().map(|(e, _)| e.clone()).collect();
         let Some(cluster) = self.cluster.as_mut() else {
             return Ok(());
         };
@@ -277,14 +310,36 @@ impl super::Server {
             self.config.cluster.bind.as_ref(),
             self.config.cluster.advertise.as_ref(),
         ];
-        for endpoint in endpoints {
+        for endpoint in &endpoints {
             // A shared peer list names this broker too.
             if me.contains(&Some(endpoint)) || cluster.links.iter().any(|l| l.endpoint == *endpoint)
             {
                 continue;
             }
+            let registered = members
+                .iter()
+                .find(|(e, _)| e == endpoint)
+                .and_then(|(_, key)| key.clone());
+            let curve = match &self.security {
+                None => None,
+                Some(security) => {
+                    let listed = security.acl.peers.key_for(endpoint).map(str::to_string);
+                    match registered.or(listed) {
+                        Some(key) => Some((security.keys.clone(), key)),
+                        None => {
+                            tracing::error!(
+                                endpoint,
+                                "no public key for this peer: list it in --cluster-peer-keys \
+                                 (KEY ENDPOINT); no link to it"
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
             if let Some(id) = self.core.add_link(endpoint, now) {
-                cluster.connect(&self.context, &self.config, &self.poll, id, endpoint)?;
+                let curve = curve.as_ref().map(|(own, peer)| (own, peer.as_str()));
+                cluster.connect(&self.context, &self.config, &self.poll, id, endpoint, curve)?;
             }
         }
         Ok(())
@@ -312,6 +367,7 @@ impl Membership {
         sockets: &ClusterSockets,
         core: &crate::broker::Broker<crate::frame::Frame>,
         stopper: &super::Stopper,
+        security: Option<&super::Security>,
     ) -> Result<Membership, ServerError> {
         let cluster = &config.cluster;
         let id = core
@@ -324,7 +380,7 @@ impl Membership {
                 .advertise
                 .clone()
                 .unwrap_or_else(|| sockets.endpoint.clone()),
-            public_key: None,
+            public_key: security.map(|s| s.keys.public.clone()),
         };
         let mut settings =
             crate::membership::EtcdSettings::new(cluster.etcd.clone(), cluster.name.clone());
@@ -377,8 +433,11 @@ impl super::Server {
                         members = ?members.iter().map(|m| (&m.id, &m.endpoint)).collect::<Vec<_>>(),
                         "cluster members"
                     );
-                    let endpoints: Vec<String> = members.into_iter().map(|m| m.endpoint).collect();
-                    self.set_members(&endpoints)?;
+                    let members: Vec<(String, Option<String>)> = members
+                        .into_iter()
+                        .map(|m| (m.endpoint, m.public_key))
+                        .collect();
+                    self.set_members(&members)?;
                     self.core.members_known();
                 }
                 MembershipEvent::EtcdLost(why) => {

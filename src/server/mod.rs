@@ -79,6 +79,8 @@ pub struct Server {
     link_frames: [Frame; 3],
     /// The configuration, for the sockets of links added later.
     config: Config,
+    /// CURVE: the broker's keys and the ACL in force, when CURVE is on.
+    security: Option<Security>,
     /// Key-list reloads done, and refused (the lists did not load).
     key_reloads: u64,
     key_reload_failures: u64,
@@ -170,7 +172,14 @@ impl Server {
             core.open_xpub_front();
         }
         let cluster = match &config.cluster.bind {
-            Some(bind) => Some(cluster::start(&context, &config, bind, &poll, &mut core)?),
+            Some(bind) => Some(cluster::start(
+                &context,
+                &config,
+                bind,
+                &poll,
+                &mut core,
+                security.as_ref(),
+            )?),
             None => None,
         };
         for endpoint in &pub_endpoints {
@@ -182,10 +191,21 @@ impl Server {
         for endpoint in &xpub_endpoints {
             tracing::info!(%endpoint, "plain SUB sockets connect to");
         }
-        let static_peers = config.cluster.peers.clone();
+        let static_peers: Vec<(String, Option<String>)> = config
+            .cluster
+            .peers
+            .iter()
+            .map(|endpoint| (endpoint.clone(), None))
+            .collect();
         let stopper = Stopper::new(waker);
         let membership = match (&cluster, config.cluster.etcd.is_empty()) {
-            (Some(sockets), false) => Some(Membership::start(&config, sockets, &core, &stopper)?),
+            (Some(sockets), false) => Some(Membership::start(
+                &config,
+                sockets,
+                &core,
+                &stopper,
+                security.as_ref(),
+            )?),
             _ => None,
         };
         let mut server = Server {
@@ -204,6 +224,7 @@ impl Server {
             membership,
             key_reloads: 0,
             key_reload_failures: 0,
+            security,
             stats,
             zap,
             publisher_watch,

@@ -46,9 +46,14 @@ pub fn load_acl(config: &Config) -> Result<Option<Acl>, ServerError> {
         return Ok(None);
     };
     let max = config.limits.max_filter_len;
+    let peers = match &curve.cluster_peer_keys {
+        Some(path) => auth::load_peer_keys(path).map_err(ServerError::Auth)?,
+        None => Default::default(),
+    };
     Ok(Some(Acl {
         publishers: auth::load_key_list(&curve.publisher_keys, max).map_err(ServerError::Auth)?,
         subscribers: auth::load_key_list(&curve.subscriber_keys, max).map_err(ServerError::Auth)?,
+        peers,
     }))
 }
 
@@ -73,6 +78,9 @@ impl super::Server {
         };
         if let Some(zap) = self.zap.as_mut() {
             zap.set_acl(Arc::clone(&acl));
+        }
+        if let Some(security) = self.security.as_mut() {
+            security.acl = Arc::clone(&acl);
         }
         let (publishers, subscribers) = (acl.publishers.len(), acl.subscribers.len());
         let revoked = self.core.replace_acl(

@@ -130,13 +130,84 @@ impl KeyList {
     }
 }
 
-/// Who may publish and subscribe to what.
+/// The brokers of a cluster, by public key: who may open a link to this
+/// broker's cluster endpoint, and which key each peer endpoint must prove.
+///
+/// Text form: one peer per line, its Z85 public key and, optionally, its
+/// cluster endpoint (needed for static peers: a link to that endpoint
+/// checks the broker there by that key). `#` starts a comment, as in key
+/// lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerKeys {
+    peers: Vec<(String, Option<String>)>,
+}
+
+impl PeerKeys {
+    /// Parses peer-key text.
+    pub fn parse(text: &str) -> Result<PeerKeys, KeyListError> {
+        let mut peers = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let mut words = line.split_whitespace();
+            let Some(key) = words.next() else {
+                continue;
+            };
+            if key.starts_with('#') && !is_z85_key(key) {
+                continue;
+            }
+            let problem = |problem: String| KeyListError {
+                line: i + 1,
+                problem,
+            };
+            if !is_z85_key(key) {
+                return Err(problem(format!(
+                    "{key:?} is not a Z85 public key (40 characters, as written by `zbroker keygen`)"
+                )));
+            }
+            let mut words = words.take_while(|w| !w.starts_with('#'));
+            let endpoint = words.next().map(str::to_string);
+            if let Some(extra) = words.next() {
+                return Err(problem(format!(
+                    "{extra:?} after the endpoint; write the key, then at most one endpoint"
+                )));
+            }
+            peers.push((key.to_string(), endpoint));
+        }
+        Ok(PeerKeys { peers })
+    }
+
+    /// Whether `key` (Z85) is a listed peer.
+    pub fn contains(&self, key: &str) -> bool {
+        self.peers.iter().any(|(k, _)| k == key)
+    }
+
+    /// The key listed for the peer at `endpoint`.
+    pub fn key_for(&self, endpoint: &str) -> Option<&str> {
+        self.peers
+            .iter()
+            .find(|(_, e)| e.as_deref() == Some(endpoint))
+            .map(|(k, _)| k.as_str())
+    }
+
+    /// Number of peers listed.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether no peer is listed.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
+/// Who may publish and subscribe to what, and which brokers may link.
 #[derive(Clone, Debug, Default)]
 pub struct Acl {
     /// Keys admitted on the publisher endpoint.
     pub publishers: KeyList,
     /// Keys admitted on the subscriber endpoint.
     pub subscribers: KeyList,
+    /// Keys admitted on the cluster endpoint (empty unless clustered).
+    pub peers: PeerKeys,
 }
 
 impl Acl {
