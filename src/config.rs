@@ -950,6 +950,7 @@ mod tests {
                 secret_key_file: "broker.key".into(),
                 publisher_keys: "pub.keys".into(),
                 subscriber_keys: "sub.keys".into(),
+                cluster_peer_keys: None,
             }),
             limits: Limits {
                 max_topic_len: 77,

@@ -219,6 +219,7 @@ fn the_xpub_front_refuses_curve_and_endpoint_lists_parse() {
         secret_key_file: "k".into(),
         publisher_keys: "p".into(),
         subscriber_keys: "s".into(),
+        cluster_peer_keys: None,
     });
     let err = with_curve.validate().unwrap_err().to_string();
     assert!(

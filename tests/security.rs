@@ -87,6 +87,7 @@ impl Keys {
             secret_key_file: self.secret("broker"),
             publisher_keys: self.path("publishers.keys"),
             subscriber_keys: self.path("subscribers.keys"),
+            cluster_peer_keys: None,
         }
     }
 
