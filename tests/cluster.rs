@@ -17,28 +17,12 @@ use zbroker::filter::Filter;
 fn subscribers_on_three_brokers_get_exactly_the_matching_messages_once_in_order() {
     let mut rng = Rng::new(seed());
     let mesh = Mesh::start();
-    let mut members: Vec<Member> = Vec::new();
-    for name in ["a", "b", "c"] {
-        for i in 0..4 {
-            let filters = random_filters(&mut rng);
-            members.push(Member::join(
-                &format!("{name}{i}"),
-                &mesh.sub_endpoint(name),
-                filters,
-            ));
-        }
-    }
+    let mut members = random_members(&mesh, &mut rng, 4);
     let ctx = zmq::Context::new();
     let publisher = common::publisher(&ctx, &mesh.pub_endpoint("a"));
     let mut all: Vec<&mut Member> = members.iter_mut().collect();
-    probe_all(&publisher, &mut all);
-
-    let published = publish_random(&publisher, &mut rng, 400, "m");
-    let expected: Vec<usize> = all
-        .iter()
-        .map(|m| published.iter().filter(|(t, _)| m.wants(t)).count())
-        .collect();
-    collect_all(&publisher, &mut all, &expected);
+    let mut published = Vec::new();
+    publish_and_collect(&publisher, &mut rng, 400, "m", &mut all, &mut published);
     for member in &all {
         assert_exactly_matching(member, &published);
     }
@@ -222,14 +206,7 @@ fn ten_thousand_interest_changes_converge_to_one_brokers_routing() {
     let mut published = Vec::new();
     for name in ["a", "b", "c"] {
         let publisher = common::publisher(&ctx, &mesh.pub_endpoint(name));
-        probe_all(&publisher, &mut all);
-        let batch = publish_random(&publisher, &mut rng, 150, name);
-        published.extend(batch);
-        let expected: Vec<usize> = all
-            .iter()
-            .map(|m| published.iter().filter(|(t, _)| m.wants(t)).count())
-            .collect();
-        collect_all(&publisher, &mut all, &expected);
+        publish_and_collect(&publisher, &mut rng, 150, name, &mut all, &mut published);
     }
     for member in &all {
         assert_exactly_matching(member, &published);

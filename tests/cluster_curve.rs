@@ -7,76 +7,17 @@
 
 mod common;
 
-use std::path::PathBuf;
-
+use common::keys::KeyDir;
 use common::{ChildBroker, DEADLINE, Metrics, free_port};
 
-struct Keys {
-    dir: tempfile::TempDir,
-}
-
-impl Keys {
-    fn new(names: &[&str]) -> Keys {
-        let keys = Keys {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        for name in names {
-            zbroker::auth::keygen(&keys.secret(name)).expect("keygen");
-        }
-        keys
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn secret(&self, name: &str) -> PathBuf {
-        self.path(&format!("{name}.key"))
-    }
-
-    fn public(&self, name: &str) -> String {
-        zbroker::auth::read_public_key(&self.path(&format!("{name}.key.pub"))).unwrap()
-    }
-
-    fn write(&self, file: &str, text: String) -> String {
-        std::fs::write(self.path(file), text).unwrap();
-        self.path(file).to_str().unwrap().to_string()
-    }
-
-    /// A socket with `name`'s keys, checking the broker `server`'s key.
-    fn socket(
-        &self,
-        ctx: &zmq::Context,
-        kind: zmq::SocketType,
-        name: &str,
-        server: &str,
-        endpoint: &str,
-    ) -> zmq::Socket {
-        let socket = ctx.socket(kind).unwrap();
-        let own = zbroker::auth::read_secret_key(&self.secret(name)).unwrap();
-        socket
-            .set_curve_serverkey(&zmq::z85_decode(&self.public(server)).unwrap())
-            .unwrap();
-        socket
-            .set_curve_publickey(&zmq::z85_decode(&own.public).unwrap())
-            .unwrap();
-        socket
-            .set_curve_secretkey(&zmq::z85_decode(&own.secret).unwrap())
-            .unwrap();
-        socket.set_linger(0).unwrap();
-        socket.connect(endpoint).unwrap();
-        socket
-    }
-}
-
-fn broker(keys: &Keys, name: &str, cluster: &str, peers: &str, peer_keys: &str) -> ChildBroker {
+fn broker(keys: &KeyDir, name: &str, cluster: &str, peers: &str, peer_keys: &str) -> ChildBroker {
     let publishers = keys.write(
         "publishers.keys",
-        format!("{} prefix:\n", keys.public("publisher")),
+        &format!("{} prefix:\n", keys.public("publisher")),
     );
     let subscribers = keys.write(
         "subscribers.keys",
-        format!("{} prefix:\n", keys.public("subscriber")),
+        &format!("{} prefix:\n", keys.public("subscriber")),
     );
     ChildBroker::start(&[
         "--pub-bind",
@@ -86,7 +27,7 @@ fn broker(keys: &Keys, name: &str, cluster: &str, peers: &str, peer_keys: &str) 
         "--metrics-bind",
         "127.0.0.1:0",
         "--curve-secret-key",
-        keys.secret(name).to_str().unwrap(),
+        &keys.secret_arg(name),
         "--publisher-keys",
         &publishers,
         "--subscriber-keys",
@@ -113,7 +54,7 @@ fn peer_up(m: &Metrics, peer: &str) -> Option<u64> {
 
 #[test]
 fn peer_links_use_curve_and_admit_only_listed_brokers() {
-    let keys = Keys::new(&["a", "b", "stranger", "publisher", "subscriber"]);
+    let keys = KeyDir::new(&["a", "b", "stranger", "publisher", "subscriber"]);
     let (a_ep, b_ep, s_ep) = (
         format!("tcp://127.0.0.1:{}", free_port()),
         format!("tcp://127.0.0.1:{}", free_port()),
@@ -123,11 +64,11 @@ fn peer_links_use_curve_and_admit_only_listed_brokers() {
     // does not list the stranger.
     let listed = keys.write(
         "peers.keys",
-        format!("{} {a_ep}\n{} {b_ep}\n", keys.public("a"), keys.public("b")),
+        &format!("{} {a_ep}\n{} {b_ep}\n", keys.public("a"), keys.public("b")),
     );
     let strangers = keys.write(
         "stranger-peers.keys",
-        format!(
+        &format!(
             "{} {a_ep}\n{} {s_ep}\n",
             keys.public("a"),
             keys.public("stranger")

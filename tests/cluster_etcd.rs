@@ -54,27 +54,12 @@ fn three_brokers_find_each_other_in_etcd_and_route_exactly() {
         assert_eq!(m.get("zbroker_cluster_registry_up"), 1);
     }
     let mut rng = Rng::new(seed());
-    let mut members: Vec<Member> = Vec::new();
-    for name in ["a", "b", "c"] {
-        for i in 0..3 {
-            let filters = random_filters(&mut rng);
-            members.push(Member::join(
-                &format!("{name}{i}"),
-                &mesh.sub_endpoint(name),
-                filters,
-            ));
-        }
-    }
+    let mut members = random_members(&mesh, &mut rng, 3);
     let ctx = zmq::Context::new();
     let publisher = common::publisher(&ctx, &mesh.pub_endpoint("b"));
     let mut all: Vec<&mut Member> = members.iter_mut().collect();
-    probe_all(&publisher, &mut all);
-    let published = publish_random(&publisher, &mut rng, 300, "m");
-    let expected: Vec<usize> = all
-        .iter()
-        .map(|m| published.iter().filter(|(t, _)| m.wants(t)).count())
-        .collect();
-    collect_all(&publisher, &mut all, &expected);
+    let mut published = Vec::new();
+    publish_and_collect(&publisher, &mut rng, 300, "m", &mut all, &mut published);
     for member in &all {
         assert_exactly_matching(member, &published);
     }

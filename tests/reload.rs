@@ -6,102 +6,53 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
+use common::keys::KeyDir;
 use common::{ChildBroker, Metrics};
 
-/// Key pairs and the broker's key lists in a temporary directory.
-struct Keys {
-    dir: tempfile::TempDir,
-}
-
-impl Keys {
-    fn new() -> Keys {
-        let keys = Keys {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        for name in ["broker", "publisher", "keep", "gone", "narrowed", "late"] {
-            zbroker::auth::keygen(&keys.secret(name)).expect("keygen");
-        }
-        std::fs::write(
-            keys.path("publishers.keys"),
-            format!("{} prefix:net.\n", keys.public("publisher")),
-        )
-        .unwrap();
-        keys.write_subscribers(&[
+/// The key pairs of the test: the broker's, a publisher's and four
+/// subscribers'.
+fn keys() -> KeyDir {
+    let keys = KeyDir::new(&["broker", "publisher", "keep", "gone", "narrowed", "late"]);
+    keys.write(
+        "publishers.keys",
+        &format!("{} prefix:net.\n", keys.public("publisher")),
+    );
+    write_subscribers(
+        &keys,
+        &[
             ("keep", "prefix:net."),
             ("gone", "prefix:net."),
             ("narrowed", "prefix:net."),
-        ]);
-        keys
-    }
+        ],
+    );
+    keys
+}
 
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
+fn write_subscribers(keys: &KeyDir, entries: &[(&str, &str)]) {
+    let text: String = entries
+        .iter()
+        .map(|(name, filters)| format!("{} {filters}\n", keys.public(name)))
+        .collect();
+    keys.write("subscribers.keys", &text);
+}
 
-    fn secret(&self, name: &str) -> PathBuf {
-        self.path(&format!("{name}.key"))
-    }
-
-    fn public(&self, name: &str) -> String {
-        zbroker::auth::read_public_key(&self.path(&format!("{name}.key.pub"))).unwrap()
-    }
-
-    fn write_subscribers(&self, entries: &[(&str, &str)]) {
-        let text: String = entries
-            .iter()
-            .map(|(name, filters)| format!("{} {filters}\n", self.public(name)))
-            .collect();
-        std::fs::write(self.path("subscribers.keys"), text).unwrap();
-    }
-
-    fn args(&self) -> Vec<String> {
-        let path = |p: PathBuf| p.to_str().unwrap().to_string();
-        vec![
-            "--pub-bind".into(),
-            "tcp://127.0.0.1:0".into(),
-            "--sub-bind".into(),
-            "tcp://127.0.0.1:0".into(),
-            "--metrics-bind".into(),
-            "127.0.0.1:0".into(),
-            "--curve-secret-key".into(),
-            path(self.secret("broker")),
-            "--publisher-keys".into(),
-            path(self.path("publishers.keys")),
-            "--subscriber-keys".into(),
-            path(self.path("subscribers.keys")),
-        ]
-    }
-
-    /// A socket of `kind` with `name`'s CURVE keys, connected to `endpoint`.
-    fn socket(
-        &self,
-        ctx: &zmq::Context,
-        kind: zmq::SocketType,
-        name: &str,
-        endpoint: &str,
-    ) -> zmq::Socket {
-        let socket = ctx.socket(kind).unwrap();
-        let own = zbroker::auth::read_secret_key(&self.secret(name)).unwrap();
-        let server = zbroker::auth::read_public_key(&self.path("broker.key.pub")).unwrap();
-        socket
-            .set_curve_serverkey(&zmq::z85_decode(&server).unwrap())
-            .unwrap();
-        socket
-            .set_curve_publickey(&zmq::z85_decode(&own.public).unwrap())
-            .unwrap();
-        socket
-            .set_curve_secretkey(&zmq::z85_decode(&own.secret).unwrap())
-            .unwrap();
-        socket
-            .set_rcvtimeo(common::DEADLINE.as_millis() as i32)
-            .unwrap();
-        socket.set_linger(0).unwrap();
-        socket.connect(endpoint).unwrap();
-        socket
-    }
+fn args(keys: &KeyDir) -> Vec<String> {
+    vec![
+        "--pub-bind".into(),
+        "tcp://127.0.0.1:0".into(),
+        "--sub-bind".into(),
+        "tcp://127.0.0.1:0".into(),
+        "--metrics-bind".into(),
+        "127.0.0.1:0".into(),
+        "--curve-secret-key".into(),
+        keys.secret_arg("broker"),
+        "--publisher-keys".into(),
+        keys.path("publishers.keys").to_str().unwrap().into(),
+        "--subscriber-keys".into(),
+        keys.path("subscribers.keys").to_str().unwrap().into(),
+    ]
 }
 
 /// A protocol v1 subscriber over a raw DEALER, to see every frame.
@@ -173,11 +124,11 @@ fn sighup_reloads_the_key_lists_without_disturbing_anyone_else() {
     if !zmq::has("curve").unwrap_or(false) {
         panic!("this libzmq has no CURVE");
     }
-    let keys = Keys::new();
-    let broker = ChildBroker::start_with(&keys.args(), Default::default());
+    let keys = keys();
+    let broker = ChildBroker::start_with(&args(&keys), Default::default());
     let ctx = zmq::Context::new();
     let sub_ep = broker.sub_endpoint.clone();
-    let dealer = |name: &str| Sub(keys.socket(&ctx, zmq::DEALER, name, &sub_ep));
+    let dealer = |name: &str| Sub(keys.socket(&ctx, zmq::DEALER, name, "broker", &sub_ep));
     let keep = dealer("keep");
     let gone = dealer("gone");
     let narrowed = dealer("narrowed");
@@ -200,18 +151,21 @@ fn sighup_reloads_the_key_lists_without_disturbing_anyone_else() {
     gone_client
         .subscribe(&zbroker::filter::Filter::parse_cli("prefix:net.", 64).unwrap())
         .unwrap();
-    let publisher = keys.socket(&ctx, zmq::PUSH, "publisher", &broker.pub_endpoint);
+    let publisher = keys.socket(&ctx, zmq::PUSH, "publisher", "broker", &broker.pub_endpoint);
     publish(&publisher, "net.a", "1");
     for sub in [&keep, &gone, &narrowed] {
         assert_eq!(sub.message(), (1, b"net.a".to_vec(), b"1".to_vec()));
     }
 
     // gone leaves the list, narrowed may keep exact:net.a only, late joins.
-    keys.write_subscribers(&[
-        ("keep", "prefix:net."),
-        ("narrowed", "exact:net.a"),
-        ("late", "prefix:net."),
-    ]);
+    write_subscribers(
+        &keys,
+        &[
+            ("keep", "prefix:net."),
+            ("narrowed", "exact:net.a"),
+            ("late", "prefix:net."),
+        ],
+    );
     hup(&broker);
     broker.wait_for_log("key lists reloaded");
     let revoked = |sub: &Sub| {
@@ -266,7 +220,7 @@ fn sighup_reloads_the_key_lists_without_disturbing_anyone_else() {
     assert_eq!(keep.message(), (5, b"net.c".to_vec(), b"5".to_vec()));
 
     // A broken list is refused whole: the running lists stay.
-    std::fs::write(keys.path("subscribers.keys"), "this is not a key\n").unwrap();
+    keys.write("subscribers.keys", "this is not a key\n");
     hup(&broker);
     broker.wait_for_log("key lists not reloaded");
     publish(&publisher, "net.d", "6");

@@ -147,10 +147,8 @@ impl Transport<Frame> for RouterTransport<'_> {
             return SendOutcome::Unreachable;
         };
         let router = &mut cluster.router;
-        match Frame::from_slice(routing_id).send(router, zmq::SNDMORE | zmq::DONTWAIT) {
-            Ok(()) => {}
-            Err(zmq::Error::EAGAIN) => return SendOutcome::WouldBlock,
-            Err(_) => return SendOutcome::Unreachable,
+        if let Err(refused) = send_routing_id(router, routing_id) {
+            return refused;
         }
         let mut header = [0u8; wire::FORWARD_HEADER_MAX];
         let len = wire::forward_header(seq, &mut header);
@@ -175,10 +173,8 @@ impl Transport<Frame> for RouterTransport<'_> {
             return SendOutcome::Unreachable;
         };
         let router = &mut cluster.router;
-        match Frame::from_slice(routing_id).send(router, zmq::SNDMORE | zmq::DONTWAIT) {
-            Ok(()) => {}
-            Err(zmq::Error::EAGAIN) => return SendOutcome::WouldBlock,
-            Err(_) => return SendOutcome::Unreachable,
+        if let Err(refused) = send_routing_id(router, routing_id) {
+            return refused;
         }
         match Frame::from_slice(frame).send(router, zmq::DONTWAIT) {
             Ok(()) => SendOutcome::Sent,
@@ -213,5 +209,16 @@ impl Transport<Frame> for RouterTransport<'_> {
             }
         }
         SendOutcome::Sent
+    }
+}
+
+/// Sends the routing-id frame of a message on the cluster ROUTER (with
+/// `ZMQ_ROUTER_MANDATORY`): `Err` with what to report when libzmq refuses
+/// it (a full pipe, or a peer gone).
+fn send_routing_id(router: &mut zmq::Socket, routing_id: &[u8]) -> Result<(), SendOutcome> {
+    match Frame::from_slice(routing_id).send(router, zmq::SNDMORE | zmq::DONTWAIT) {
+        Ok(()) => Ok(()),
+        Err(zmq::Error::EAGAIN) => Err(SendOutcome::WouldBlock),
+        Err(_) => Err(SendOutcome::Unreachable),
     }
 }

@@ -377,3 +377,40 @@ pub fn publish_random(
 pub fn everything() -> Vec<Filter> {
     vec![Filter::new(FilterKind::Prefix, b"", 1024).unwrap()]
 }
+
+/// `per_broker` members on each broker, each with random filters.
+pub fn random_members(mesh: &Mesh, rng: &mut Rng, per_broker: usize) -> Vec<Member> {
+    let mut members = Vec::new();
+    for name in mesh.names.clone() {
+        for i in 0..per_broker {
+            let filters = random_filters(rng);
+            members.push(Member::join(
+                &format!("{name}{i}"),
+                &mesh.sub_endpoint(name),
+                filters,
+            ));
+        }
+    }
+    members
+}
+
+/// Publishes `count` random messages through `publisher` once every member
+/// is probed, waits until each member has what it wants of them, and
+/// returns them (appended to `published`, which the members are checked
+/// against at the end).
+pub fn publish_and_collect(
+    publisher: &zmq::Socket,
+    rng: &mut Rng,
+    count: usize,
+    tag: &str,
+    members: &mut [&mut Member],
+    published: &mut Vec<(Vec<u8>, Vec<u8>)>,
+) {
+    probe_all(publisher, members);
+    published.extend(publish_random(publisher, rng, count, tag));
+    let expected: Vec<usize> = members
+        .iter()
+        .map(|m| published.iter().filter(|(t, _)| m.wants(t)).count())
+        .collect();
+    collect_all(publisher, members, &expected);
+}

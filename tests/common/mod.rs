@@ -14,6 +14,7 @@
 
 pub mod child;
 pub mod etcd;
+pub mod keys;
 pub mod mesh;
 pub mod metrics;
 pub mod procfs;

@@ -848,14 +848,12 @@ impl<P: Payload> Broker<P> {
             }
             if !link.needs_hello {
                 for (version, add, filter) in &outbox {
-                    buf.clear();
-                    LinkMessage::Interest {
+                    let change = LinkMessage::Interest {
                         version: *version,
                         add: *add,
                         filter: WireFilter::of(filter),
-                    }
-                    .encode_into(buf);
-                    if out.to_link(link.id, buf) != SendOutcome::Sent {
+                    };
+                    if send_on_link(out, link.id, buf, &change) != SendOutcome::Sent {
                         // The change is lost on this link: a snapshot
                         // replaces it.
                         link.needs_hello = true;
@@ -897,14 +895,12 @@ impl<P: Payload> Broker<P> {
             }
             let due = link.last_ping.map_or(now, |at| at + *ping_interval);
             if now >= due {
-                buf.clear();
-                LinkMessage::Ping {
+                let ping = LinkMessage::Ping {
                     version: interest.version(),
-                }
-                .encode_into(buf);
+                };
                 // A PING refused (not connected yet) is retried at the
                 // next interval; silence is judged on answers, not sends.
-                let _ = out.to_link(link.id, buf);
+                let _ = send_on_link(out, link.id, buf, &ping);
                 link.last_ping = Some(now);
             }
             let heard = link.last_heard.unwrap_or(link.created);
@@ -926,6 +922,18 @@ impl<P: Payload> Broker<P> {
     }
 }
 
+/// Encodes `message` into `buf` and sends it on the outgoing link `link`.
+fn send_on_link<P>(
+    out: &mut impl Transport<P>,
+    link: LinkId,
+    buf: &mut Vec<u8>,
+    message: &LinkMessage<'_>,
+) -> SendOutcome {
+    buf.clear();
+    message.encode_into(buf);
+    out.to_link(link, buf)
+}
+
 /// Sends HELLO and the whole interest in chunks on `link`. False if a send
 /// was refused (the link is not connected, or its pipe is full): the link
 /// still owes it.
@@ -936,14 +944,12 @@ fn send_hello<P>(
     buf: &mut Vec<u8>,
     out: &mut impl Transport<P>,
 ) -> bool {
-    buf.clear();
-    LinkMessage::Hello {
+    let hello = LinkMessage::Hello {
         version: LINK_PROTOCOL_VERSION,
         broker_id: &me.broker_id,
         epoch: me.epoch,
-    }
-    .encode_into(buf);
-    if out.to_link(link.id, buf) != SendOutcome::Sent {
+    };
+    if send_on_link(out, link.id, buf, &hello) != SendOutcome::Sent {
         return false;
     }
     let filters: Vec<&Filter> = interest.filters().collect();
@@ -953,15 +959,13 @@ fn send_hello<P>(
     for part in 0..chunks {
         let start = part * SNAPSHOT_CHUNK_FILTERS;
         let chunk = &filters[start..(start + SNAPSHOT_CHUNK_FILTERS).min(filters.len())];
-        buf.clear();
-        LinkMessage::Snapshot {
+        let snapshot = LinkMessage::Snapshot {
             version: interest.version(),
             part: u32::try_from(part).unwrap_or(u32::MAX),
             last: part + 1 == chunks,
             filters: chunk.iter().map(|f| WireFilter::of(f)).collect(),
-        }
-        .encode_into(buf);
-        if out.to_link(link.id, buf) != SendOutcome::Sent {
+        };
+        if send_on_link(out, link.id, buf, &snapshot) != SendOutcome::Sent {
             return false;
         }
     }

@@ -15,15 +15,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::commands::release_key_filters;
-use super::queues::reply_bound;
 use super::sweep::note_interest;
-use super::transport::send_reply;
-use super::{Broker, Payload, SendOutcome, Transport};
+use super::{Broker, Payload, Transport};
 use crate::acl::Acl;
 use crate::filter::Filter;
 use crate::index::SubId;
 use crate::protocol::ErrorCode;
-use crate::subscribers::{Queued, Reply};
+use crate::subscribers::Reply;
 
 /// What a new ACL took back.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -93,30 +91,18 @@ impl<P: Payload> Broker<P> {
         if let Some(key) = sub.key.as_deref() {
             release_key_filters(&mut self.filters_per_key, key, 1);
         }
+        let routing_id = sub.routing_id.clone();
         self.counters.revoked_filters += 1;
         let text = format!(
             "revoked: {filter} is no longer allowed for this key (the broker's key lists were \
              reloaded); do not subscribe to it again"
         );
-        let reply = Reply::Err(ErrorCode::Unauthorized, text);
-        if sub.queue.is_empty() {
-            match send_reply(out, &sub.routing_id, &reply) {
-                SendOutcome::Sent => return,
-                SendOutcome::Unreachable => {
-                    self.gone.push(id);
-                    return;
-                }
-                SendOutcome::WouldBlock => {}
-            }
-        }
-        self.queues.push(
-            &self.config.queue,
-            reply_bound(&self.config.limits),
-            &mut self.counters,
-            id,
-            sub,
-            Queued::Reply(reply),
+        self.reply(
+            Some(id),
+            &routing_id,
+            Reply::Err(ErrorCode::Unauthorized, text),
             now,
+            out,
         );
     }
 }
