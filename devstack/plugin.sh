@@ -259,7 +259,7 @@ function zbroker_configure {
             warn $LINENO "zbroker: ZBROKER_CURVE=True: no XPUB front (ZBROKER_XPUB_PORT=$ZBROKER_XPUB_PORT left out): the broker refuses it with CURVE"
         fi
         if [[ "$ZBROKER_CLUSTER_ETCD" == "True" ]]; then
-            warn $LINENO "zbroker: ZBROKER_CURVE=True: no cluster (ZBROKER_CLUSTER_ETCD left out): the broker refuses clustering with CURVE"
+            warn $LINENO "zbroker: ZBROKER_CURVE=True: no cluster (ZBROKER_CLUSTER_ETCD left out): a CURVE cluster needs the public key of every controller in --cluster-peer-keys, which this node cannot know"
         fi
         zbroker_write_keys
     fi
