@@ -131,6 +131,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             }
             let mut server = Server::bind(config)?;
             server.stop_on_signals()?;
+            // READY=1 to systemd's NOTIFY_SOCKET, if set (src/server/notify.rs).
+            server.notify_systemd();
             server.run()?;
         }
         Command::Pub {
