@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use zbroker::client::{
     CurveKeys, Event, Publisher, PublisherOptions, Subscriber, SubscriberOptions,
 };
@@ -63,6 +63,25 @@ enum Command {
         /// The metrics endpoint, e.g. 127.0.0.1:9570 or http://host:port/metrics.
         endpoint: String,
     },
+    /// Write the man pages or the shell completions into DIR, from these
+    /// very definitions (the Debian package's build does: see
+    /// scripts/package-deb). Hidden: it is for packagers.
+    #[command(hide = true)]
+    Generate {
+        /// `man`: one roff page per subcommand (zbroker.1, zbroker-run.1,
+        /// ...); `completions`: bash (zbroker.bash), zsh (_zbroker) and
+        /// fish (zbroker.fish).
+        what: Generated,
+        /// The directory to write into; created if missing.
+        dir: PathBuf,
+    },
+}
+
+/// What `zbroker generate` writes.
+#[derive(Clone, Copy, ValueEnum)]
+enum Generated {
+    Man,
+    Completions,
 }
 
 /// CURVE credentials of `pub` and `sub`.
@@ -131,6 +150,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             }
             let mut server = Server::bind(config)?;
             server.stop_on_signals()?;
+            // READY=1 to systemd's NOTIFY_SOCKET, if set (src/server/notify.rs).
+            server.notify_systemd();
             server.run()?;
         }
         Command::Pub {
@@ -206,6 +227,64 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Stats { endpoint } => {
             print!("{}", zbroker::metrics::fetch(&endpoint)?);
         }
+        Command::Generate { what, dir } => generate(what, &dir)?,
     }
     Ok(())
+}
+
+/// `zbroker generate WHAT DIR`: writes the files and prints their paths.
+fn generate(what: Generated, dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    match what {
+        Generated::Man => {
+            // One page per subcommand; hidden ones (this one) get none.
+            clap_mangen::generate_to(Cli::command(), dir)?;
+            for entry in std::fs::read_dir(dir)? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "1") {
+                    written.push(path);
+                }
+            }
+        }
+        Generated::Completions => {
+            for shell in [
+                clap_complete::Shell::Bash,
+                clap_complete::Shell::Zsh,
+                clap_complete::Shell::Fish,
+            ] {
+                written.push(clap_complete::generate_to(
+                    shell,
+                    &mut without_hidden(Cli::command()),
+                    "zbroker",
+                    dir,
+                )?);
+            }
+        }
+    }
+    written.sort();
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// `command` less its hidden subcommands, which clap_complete would
+/// otherwise offer (clap_mangen leaves them out by itself).
+fn without_hidden(command: clap::Command) -> clap::Command {
+    let visible: Vec<clap::Command> = command
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let mut kept = clap::Command::new(command.get_name().to_string())
+        .args(command.get_arguments().cloned())
+        .subcommands(visible);
+    if let Some(version) = command.get_version() {
+        kept = kept.version(version.to_string());
+    }
+    if let Some(about) = command.get_about() {
+        kept = kept.about(about.clone());
+    }
+    kept
 }

@@ -10,12 +10,14 @@
 //! - `transport`: [`RouterTransport`], the core's way out;
 //! - `stats`: [`StatsHandle`], the counters other threads read;
 //! - `shutdown`: [`Stopper`], signals, and the linger flush;
+//! - `notify`: sd_notify(3) readiness and stopping, for systemd;
 //! - `error`: [`ServerError`].
 
 mod cluster;
 mod error;
 mod event_loop;
 mod monitor;
+mod notify;
 mod security;
 mod shutdown;
 mod socket;
@@ -97,6 +99,8 @@ pub struct Server {
     libzmq_queued_bytes: u64,
     /// libzmq's `ZMQ_ZBROKER_DROPPED` on the XPUB as of the last tick.
     xpub_sub_drops: u64,
+    /// Report to systemd (`notify`): set by [`Server::notify_systemd`].
+    systemd: bool,
 }
 
 impl Server {
@@ -242,6 +246,7 @@ impl Server {
             authenticated: zap_on,
             libzmq_queued_bytes: 0,
             xpub_sub_drops: 0,
+            systemd: false,
         };
         server.set_members(&static_peers)?;
         if server.membership.is_none() {
@@ -306,7 +311,10 @@ impl Server {
     /// Runs the loop until stopped, then flushes queues for up to the
     /// configured linger. Returns the final counters.
     pub fn run(mut self) -> Result<Snapshot, ServerError> {
+        // Every endpoint is bound (by `bind`): tell systemd, if asked to.
+        self.notify_ready();
         self.serve()?;
+        self.notify_stopping();
         self.shut_down()
     }
 }

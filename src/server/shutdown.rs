@@ -79,7 +79,11 @@ impl Server {
         for signal in pending {
             if signal == signal_hook::consts::SIGHUP {
                 tracing::info!(signal, "reloading the key lists on signal");
+                // systemd's reload waits for READY=1, sent whatever the
+                // outcome (a refused reload leaves the old lists serving).
+                self.notify_reloading();
                 self.reload_keys();
+                self.notify_ready();
             } else {
                 tracing::info!(signal, "stopping on signal");
                 self.stopper.request();
