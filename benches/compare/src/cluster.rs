@@ -655,11 +655,20 @@ fn details(r: &ClusterResults, o: &mut String) {
                 .filter(|p| &p.pair.system == s && &p.pair.workload == w)
             {
                 let p = &rp.pair;
-                let pace = match p.pace {
-                    Some(v) if p.calibration.is_empty() => format!("{} (fixed)", si(v)),
+                let fixed = workload::by_name(w).and_then(|w| w.fixed_rate).is_some();
+                let mut pace = match p.pace {
+                    Some(v) if fixed => format!("{} (fixed)", si(v)),
+                    Some(v) if p.calibration.is_empty() => si(v),
                     Some(v) => format!("{} ({} calibration runs)", si(v), p.calibration.len()),
                     None => "flat out".into(),
                 };
+                if !p.discarded.is_empty() {
+                    let _ = write!(
+                        pace,
+                        "; {} runs discarded (most lost messages), repeated slower",
+                        p.discarded.len()
+                    );
+                }
                 let runs: Vec<String> = p
                     .runs
                     .iter()
