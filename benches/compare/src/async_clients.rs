@@ -188,13 +188,13 @@ pub fn open_nats(
     server: &mut Server,
     shared: &Arc<Shared>,
 ) -> Result<(Vec<Box<dyn PubSink>>, Subs), String> {
-    let addr = format!("127.0.0.1:{}", server.ports[0]);
+    let addr_of = |node: usize| format!("127.0.0.1:{}", server.node_port(node, 0));
     let rt = runtime();
     let mut tasks = Vec::new();
     for s in 0..wl.subs {
         let topics = wl.sub_topics(s);
         let shared = Arc::clone(shared);
-        let addr = addr.clone();
+        let addr = addr_of(wl.sub_node(s));
         tasks.push(rt.spawn(async move {
             let run = async {
                 let client = async_nats::ConnectOptions::new()
@@ -225,7 +225,7 @@ pub fn open_nats(
     let mut pubs: Vec<Box<dyn PubSink>> = Vec::new();
     for p in 0..wl.pubs {
         let client = rt
-            .block_on(async_nats::ConnectOptions::new().connect(addr.as_str()))
+            .block_on(async_nats::ConnectOptions::new().connect(addr_of(wl.pub_node(p))))
             .map_err(|e| format!("nats publisher: {e}"))?;
         pubs.push(Box::new(NatsPub {
             client,

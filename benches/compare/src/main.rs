@@ -5,6 +5,10 @@
 //!             [--quick] [--no-scale] [--out results.json] [--md BENCHMARKS.md]
 //!             [--png docs/compare.png] [--work DIR] [--command TEXT]
 //! compare report --results results.json --md BENCHMARKS.md --png docs/compare.png
+//! compare cluster --zbroker PATH [--quick] [--systems a,b] [--workloads x,y]
+//!                 [--rounds N] [--runs N] [--interest-subscribers N] [--no-interest]
+//!                 [--out cluster.json] [--md BENCHMARKS.md] [--work DIR] [--command TEXT]
+//! compare cluster-report --results cluster.json --md BENCHMARKS.md
 //! compare proxy FRONT BACK [PUB_HWM SUB_HWM IO_BATCH]  (libzmq XSUB/XPUB proxy process)
 //! compare scale-subs ENDPOINT FIRST COUNT PER   (scale-test subscribers)
 //! ```
@@ -13,9 +17,14 @@
 //! and clients, broker run with `--overflow backpressure`), direct, proxy,
 //! proxy-tuned (the proxy with zbroker's default libzmq queue depths and batch
 //! sizes), redis, nats, mosquitto. The scale test runs zbroker only.
+//!
+//! `cluster` (src/cluster.rs, `scripts/bench-cluster`) compares a 3-broker
+//! zbroker mesh with a 3-node NATS cluster, one zbroker and one nats-server.
 
 mod async_clients;
 mod bench;
+mod cluster;
+mod interest;
 mod report;
 mod scale;
 mod servers;
@@ -43,12 +52,12 @@ pub const SYSTEMS: [&str; 8] = [
     "mosquitto",
 ];
 
-struct Args {
-    words: Vec<String>,
+pub(crate) struct Args {
+    pub(crate) words: Vec<String>,
 }
 
 impl Args {
-    fn flag(&mut self, name: &str) -> bool {
+    pub(crate) fn flag(&mut self, name: &str) -> bool {
         if let Some(i) = self.words.iter().position(|w| w == name) {
             self.words.remove(i);
             true
@@ -57,7 +66,7 @@ impl Args {
         }
     }
 
-    fn value(&mut self, name: &str) -> Result<Option<String>, String> {
+    pub(crate) fn value(&mut self, name: &str) -> Result<Option<String>, String> {
         if let Some(i) = self.words.iter().position(|w| w == name) {
             if i + 1 >= self.words.len() {
                 return Err(format!("{name} needs a value"));
@@ -79,13 +88,18 @@ fn sh(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
 
-fn machine_meta(env: &servers::Env, systems: &[String], command: String, settings: String) -> Meta {
+pub(crate) fn machine_meta(
+    env: &servers::Env,
+    systems: &[String],
+    command: String,
+    settings: String,
+) -> Meta {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -207,6 +221,8 @@ fn run(mut args: Args) -> Result<(), String> {
             probe_duration: Duration::from_millis(400),
             runs,
             idle: Duration::from_millis(500),
+            latency_run: true,
+            calibrate_from_half_publish_rate: false,
         }
     } else {
         bench::Settings {
@@ -214,6 +230,8 @@ fn run(mut args: Args) -> Result<(), String> {
             probe_duration: Duration::from_millis(1000),
             runs,
             idle: Duration::from_millis(500),
+            latency_run: true,
+            calibrate_from_half_publish_rate: false,
         }
     };
     let nofile = util::raise_nofile();
@@ -289,13 +307,17 @@ fn report_cmd(mut args: Args) -> Result<(), String> {
 fn main() -> ExitCode {
     let mut words: Vec<String> = std::env::args().skip(1).collect();
     if words.is_empty() {
-        eprintln!("usage: compare run|report|proxy|scale-subs ... (see src/main.rs)");
+        eprintln!(
+            "usage: compare run|report|cluster|cluster-report|proxy|scale-subs ... (see src/main.rs)"
+        );
         return ExitCode::from(2);
     }
     let mode = words.remove(0);
     let result = match mode.as_str() {
         "run" => run(Args { words }),
         "report" => report_cmd(Args { words }),
+        "cluster" => cluster::run(Args { words }),
+        "cluster-report" => cluster::report_cmd(Args { words }),
         "proxy" => match words.as_slice() {
             [front, back] => zmq_clients::run_proxy(front, back, None),
             [front, back, pub_hwm, sub_hwm, io_batch] => {

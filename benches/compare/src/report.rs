@@ -459,13 +459,20 @@ pub fn markdown(r: &Results) -> String {
 /// Replaces the marked section of `path` (or appends it; creates the file
 /// with a heading if missing).
 pub fn write_markdown(path: &Path, section: &str) -> Result<(), String> {
+    write_between(path, BEGIN, END, section)
+}
+
+/// Replaces what lies between `begin` and `end` (both included) in the file
+/// at `path` by `section` (which carries the markers), or appends `section`
+/// when the markers are missing.
+pub fn write_between(path: &Path, begin: &str, end: &str, section: &str) -> Result<(), String> {
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".to_string());
-    let new = match (old.find(BEGIN), old.find(END)) {
+    let new = match (old.find(begin), old.find(end)) {
         (Some(a), Some(b)) if b > a => format!(
             "{}{}{}",
             &old[..a],
             section.trim_end(),
-            &old[b + END.len()..]
+            &old[b + end.len()..]
         ),
         _ => format!("{}\n{}\n", old.trim_end(), section.trim_end()),
     };

@@ -18,13 +18,22 @@ pub struct Env {
     pub work: PathBuf,
 }
 
-/// A running server process (or none, for the brokerless baseline).
+/// A running server: one process, several (a cluster, each process a
+/// node), or none (the brokerless baseline).
 pub struct Server {
     #[allow(dead_code)]
     pub name: String,
-    child: Option<Child>,
-    /// Ports it listens on, in a system-specific order.
+    children: Vec<Child>,
+    /// Ports it listens on for clients, `per_node` of them per node, in a
+    /// system-specific order, node after node.
     pub ports: Vec<u16>,
+    /// Client ports per node (`ports.len()` for a single process).
+    pub per_node: usize,
+    /// Each node's monitoring port (cluster systems only: zbroker's
+    /// `--metrics-bind`, nats-server's `-m`).
+    pub monitor: Vec<u16>,
+    /// Each node's log file.
+    pub logs: Vec<PathBuf>,
     pub command: String,
 }
 
@@ -32,55 +41,98 @@ impl Server {
     pub fn none(name: &str, ports: Vec<u16>) -> Server {
         Server {
             name: name.into(),
-            child: None,
+            children: Vec::new(),
+            per_node: ports.len(),
             ports,
+            monitor: Vec::new(),
+            logs: Vec::new(),
             command: String::new(),
         }
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+    /// Nodes (processes); 1 for a single broker and for none.
+    pub fn nodes(&self) -> usize {
+        self.children.len().max(1)
     }
 
-    /// utime + stime so far, seconds.
+    /// Port `k` of node `node` (taken modulo the node count, so a workload
+    /// that places clients on nodes B and C runs on a single broker too).
+    pub fn node_port(&self, node: usize, k: usize) -> u16 {
+        self.ports[(node % self.nodes()) * self.per_node + k]
+    }
+
+    /// utime + stime so far, seconds, summed over every process (None
+    /// without one, or if one is unreadable).
     pub fn cpu(&self) -> Option<f64> {
-        cpu_seconds(self.pid()?)
-    }
-
-    /// Peak resident set (VmHWM), KiB.
-    pub fn peak_rss_kb(&self) -> Option<u64> {
-        proc_status_kb(self.pid()?, "VmHWM")
-    }
-
-    /// Current resident set (VmRSS), KiB.
-    pub fn rss_kb(&self) -> Option<u64> {
-        proc_status_kb(self.pid()?, "VmRSS")
-    }
-
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => true,
+        if self.children.is_empty() {
+            return None;
         }
+        self.children.iter().map(|c| cpu_seconds(c.id())).sum()
     }
 
-    /// SIGTERM, then SIGKILL after 5 s.
+    /// Peak resident set (VmHWM), KiB, summed over every process.
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        self.status_sum("VmHWM")
+    }
+
+    /// Current resident set (VmRSS), KiB, summed over every process.
+    pub fn rss_kb(&self) -> Option<u64> {
+        self.status_sum("VmRSS")
+    }
+
+    fn status_sum(&self, key: &str) -> Option<u64> {
+        if self.children.is_empty() {
+            return None;
+        }
+        self.children
+            .iter()
+            .map(|c| proc_status_kb(c.id(), key))
+            .sum()
+    }
+
+    /// Whether every process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.children
+            .iter_mut()
+            .all(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM to every process, then SIGKILL to those still running after
+    /// 5 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let mut children = std::mem::take(&mut self.children);
+        for child in &children {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
+            if children
+                .iter_mut()
+                .all(|c| matches!(c.try_wait(), Ok(Some(_))))
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Adds `other`'s processes, ports, monitoring ports and logs as the
+    /// next node (all nodes must have the same number of client ports).
+    fn join(&mut self, mut other: Server) {
+        self.children.append(&mut other.children);
+        self.ports.append(&mut other.ports);
+        self.monitor.append(&mut other.monitor);
+        self.logs.append(&mut other.logs);
+        if self.command.is_empty() {
+            self.command = std::mem::take(&mut other.command);
+        } else {
+            self.command = format!("{}; {}", self.command, other.command);
+        }
     }
 }
 
@@ -119,8 +171,11 @@ fn spawn(
         .map_err(|e| format!("cannot start {name} ({command}): {e}"))?;
     let mut server = Server {
         name: name.into(),
-        child: Some(child),
+        children: vec![child],
+        per_node: ports.len(),
         ports,
+        monitor: Vec::new(),
+        logs: vec![log.clone()],
         command,
     };
     for &p in wait {
@@ -161,6 +216,12 @@ pub fn is_zbroker(system: &str) -> bool {
     zbroker_args(system).is_some()
 }
 
+/// Whether `system` is served by zbroker's protocol v1 clients: a single
+/// zbroker in any configuration, or the mesh.
+pub fn speaks_v1(system: &str) -> bool {
+    is_zbroker(system) || system == "zbroker-mesh"
+}
+
 /// zbroker as `system` (see [`zbroker_args`]): its defaults except the
 /// endpoints, a 600 s subscriber timeout (the load generator does not PING)
 /// and warnings-only logs, optionally with a `--config` file; its log is
@@ -168,6 +229,21 @@ pub fn is_zbroker(system: &str) -> bool {
 pub fn zbroker_with(env: &Env, system: &str, config: Option<&Path>) -> Result<Server, String> {
     let system_args = zbroker_args(system).ok_or_else(|| format!("{system} is not zbroker"))?;
     let (p1, p2) = (free_port(), free_port());
+    let mut cmd = zbroker_command(env, system_args);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.arg("--pub-bind")
+        .arg(format!("tcp://127.0.0.1:{p1}"))
+        .arg("--sub-bind")
+        .arg(format!("tcp://127.0.0.1:{p2}"))
+        .args(["--sub-timeout", "600s"]);
+    spawn(system, cmd, vec![p1, p2], &[p1, p2], env)
+}
+
+/// `zbroker --log-level warn run` with `system_args`, under
+/// `COMPARE_WRAP_ZBROKER` and with `COMPARE_ZBROKER_ARGS` when set.
+fn zbroker_command(env: &Env, system_args: &[&str]) -> Command {
     let mut cmd = Command::new(&env.zbroker);
     if let Some(wrap) = std::env::var("COMPARE_WRAP_ZBROKER")
         .ok()
@@ -185,15 +261,129 @@ pub fn zbroker_with(env: &Env, system: &str, config: Option<&Path>) -> Result<Se
         cmd.args(extra.split_whitespace());
     }
     cmd.args(system_args);
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
+    cmd
+}
+
+/// The names of a cluster's nodes: publishers sit on the first (A).
+pub const NODE_NAMES: [&str; 3] = ["a", "b", "c"];
+
+/// How long a cluster may take to link up.
+const LINK_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Three zbroker processes in a full mesh (`--cluster-peers` lists all
+/// three cluster endpoints, each broker's own included, as tests/cluster.rs
+/// does), each otherwise as `zbroker` (see [`zbroker_with`]) plus
+/// `--metrics-bind` on a free port; returns once every broker's link to
+/// both others is up (`zbroker_peer_up{peer=...} 1`). Ports per node: the
+/// publisher and subscriber endpoints.
+pub fn zbroker_mesh(env: &Env) -> Result<Server, String> {
+    let cluster_ports: Vec<u16> = NODE_NAMES.iter().map(|_| free_port()).collect();
+    let peers = cluster_ports
+        .iter()
+        .map(|p| format!("tcp://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut mesh: Option<Server> = None;
+    for (i, name) in NODE_NAMES.iter().enumerate() {
+        let (p1, p2, metrics) = (free_port(), free_port(), free_port());
+        let mut cmd = zbroker_command(env, &[]);
+        cmd.arg("--pub-bind")
+            .arg(format!("tcp://127.0.0.1:{p1}"))
+            .arg("--sub-bind")
+            .arg(format!("tcp://127.0.0.1:{p2}"))
+            .args(["--sub-timeout", "600s"])
+            .arg("--cluster-bind")
+            .arg(format!("tcp://127.0.0.1:{}", cluster_ports[i]))
+            .arg("--cluster-peers")
+            .arg(&peers)
+            .args(["--cluster-id", name])
+            .arg("--metrics-bind")
+            .arg(format!("127.0.0.1:{metrics}"));
+        let mut node = spawn(
+            &format!("zbroker-mesh-{name}"),
+            cmd,
+            vec![p1, p2],
+            &[p1, p2, metrics],
+            env,
+        )?;
+        node.monitor.push(metrics);
+        match mesh.as_mut() {
+            None => mesh = Some(node),
+            Some(m) => m.join(node),
+        }
     }
-    cmd.arg("--pub-bind")
-        .arg(format!("tcp://127.0.0.1:{p1}"))
-        .arg("--sub-bind")
-        .arg(format!("tcp://127.0.0.1:{p2}"))
-        .args(["--sub-timeout", "600s"]);
-    spawn(system, cmd, vec![p1, p2], &[p1, p2], env)
+    let mut mesh = mesh.expect("three nodes");
+    mesh.name = "zbroker-mesh".into();
+    let deadline = Instant::now() + LINK_DEADLINE;
+    for (i, name) in NODE_NAMES.iter().enumerate() {
+        let others: Vec<&str> = NODE_NAMES.iter().copied().filter(|n| n != name).collect();
+        loop {
+            let metrics = scrape(mesh.monitor[i]).unwrap_or_default();
+            let up = others.iter().all(|peer| {
+                metric(&metrics, &format!("zbroker_peer_up{{peer=\"{peer}\"}}")) == Some(1.0)
+            });
+            if up {
+                break;
+            }
+            if Instant::now() > deadline || !mesh.alive() {
+                return Err(format!(
+                    "zbroker mesh: {name}'s links to {others:?} not up after {LINK_DEADLINE:?}; \
+                     its metrics:\n{}",
+                    metrics
+                        .lines()
+                        .filter(|l| l.contains("peer"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(mesh)
+}
+
+/// A zbroker's metrics (`GET /metrics` on 127.0.0.1:`port`).
+pub fn scrape(port: u16) -> Result<String, String> {
+    http_get(port, "/metrics")
+}
+
+/// One sample of Prometheus text, by series name (labels included).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// The body of `GET path` on 127.0.0.1:`port` (one request, `Connection:
+/// close`; both exporters used here answer that way).
+pub fn http_get(port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("127.0.0.1:{port}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("127.0.0.1:{port}: {e}"))?;
+    let mut bytes = Vec::new();
+    stream
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("127.0.0.1:{port}: {e}"))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("127.0.0.1:{port}{path}: no HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!(
+            "127.0.0.1:{port}{path}: {}",
+            head.lines().next().unwrap_or("")
+        ));
+    }
+    Ok(body.to_string())
 }
 
 /// zbroker's default libzmq settings (src/config.rs), which the
@@ -272,6 +462,76 @@ pub fn nats(env: &Env) -> Result<Server, String> {
     spawn("nats", cmd, vec![p], &[p], env)
 }
 
+/// Three nats-server processes in one cluster (`--cluster_name zbench`,
+/// each `--routes` to the other two, `-m` for monitoring), defaults
+/// otherwise; with `trace`, `-V` (every protocol message in the log, for
+/// counting the route's RS+/RS- lines). Returns once each node has routes
+/// to both others (`num_routes` 2 on /routez). Ports per node: the client
+/// port.
+pub fn nats_cluster(env: &Env, trace: bool) -> Result<Server, String> {
+    let routes: Vec<u16> = NODE_NAMES.iter().map(|_| free_port()).collect();
+    let mut cluster: Option<Server> = None;
+    for (i, name) in NODE_NAMES.iter().enumerate() {
+        let (p, monitor) = (free_port(), free_port());
+        let others = routes
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(_, r)| format!("nats://127.0.0.1:{r}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cmd = Command::new("nats-server");
+        cmd.args(["-a", "127.0.0.1", "-p"])
+            .arg(p.to_string())
+            .arg("--cluster")
+            .arg(format!("nats://127.0.0.1:{}", routes[i]))
+            .arg("--routes")
+            .arg(others)
+            .args(["--cluster_name", "zbench", "-n"])
+            .arg(format!("nats-{name}"))
+            .arg("-m")
+            .arg(monitor.to_string());
+        if trace {
+            cmd.arg("-V");
+        }
+        let log_name = if trace {
+            format!("nats-cluster-traced-{name}")
+        } else {
+            format!("nats-cluster-{name}")
+        };
+        let mut node = spawn(&log_name, cmd, vec![p], &[p, monitor], env)?;
+        node.monitor.push(monitor);
+        match cluster.as_mut() {
+            None => cluster = Some(node),
+            Some(c) => c.join(node),
+        }
+    }
+    let mut cluster = cluster.expect("three nodes");
+    cluster.name = "nats-cluster".into();
+    let deadline = Instant::now() + LINK_DEADLINE;
+    for (i, name) in NODE_NAMES.iter().enumerate() {
+        loop {
+            let routez = http_get(cluster.monitor[i], "/routez").unwrap_or_default();
+            if json_number(&routez, "num_routes") == Some(2.0) {
+                break;
+            }
+            if Instant::now() > deadline || !cluster.alive() {
+                return Err(format!(
+                    "nats cluster: node {name} has not both routes after {LINK_DEADLINE:?}: {routez}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(cluster)
+}
+
+/// A top-level number of a JSON object, e.g. /routez's `num_routes`.
+pub fn json_number(text: &str, key: &str) -> Option<f64> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    value.get(key)?.as_f64()
+}
+
 /// The mosquitto.conf the comparison uses.
 pub fn mosquitto_conf(port: u16) -> String {
     format!(
@@ -301,6 +561,8 @@ pub fn start(system: &str, env: &Env) -> Result<Server, String> {
         return zbroker_with(env, system, None);
     }
     match system {
+        "zbroker-mesh" => zbroker_mesh(env),
+        "nats-cluster" => nats_cluster(env, false),
         s if is_proxy(s) => proxy(env, s),
         "redis" => redis(env),
         "nats" => nats(env),
@@ -326,13 +588,13 @@ pub fn version_of(system: &str, env: &Env) -> String {
     };
     let (maj, min, pat) = zmq::version();
     match system {
-        s if is_zbroker(s) => format!(
+        s if is_zbroker(s) || s == "zbroker-mesh" => format!(
             "{} (libzmq {maj}.{min}.{pat})",
             run(&env.zbroker, &["--version"])
         ),
         s if s == "direct" || is_proxy(s) => format!("libzmq {maj}.{min}.{pat}"),
         "redis" => run(Path::new("redis-server"), &["--version"]),
-        "nats" => run(Path::new("nats-server"), &["--version"]),
+        "nats" | "nats-cluster" => run(Path::new("nats-server"), &["--version"]),
         "mosquitto" => run(Path::new("mosquitto"), &["-h"]),
         _ => String::new(),
     }

@@ -105,6 +105,14 @@ impl Shared {
         }
     }
 
+    /// Whether `payload` is a measured message of the current run.
+    #[inline]
+    pub fn is_measured(&self, payload: &[u8]) -> bool {
+        decode(payload).is_some_and(|stamp| {
+            stamp.kind != KIND_WARM && u64::from(stamp.run) == self.run.load(Relaxed)
+        })
+    }
+
     /// Payloads received so far, of any kind.
     pub fn any_received(&self) -> u64 {
         self.slots.iter().map(|s| s.any.load(Relaxed)).sum()

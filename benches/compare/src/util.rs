@@ -186,3 +186,16 @@ pub fn si(v: f64) -> String {
         format!("{v:.0}")
     }
 }
+
+/// "1,000", "12,345".
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}

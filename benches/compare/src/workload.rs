@@ -15,6 +15,25 @@ pub struct Workload {
     pub subs: usize,
     pub payload: usize,
     pub shape: Shape,
+    /// Which node of a cluster each client connects to (a single broker
+    /// has only node 0).
+    pub placement: Placement,
+    /// Latency workloads: every run is paced at this total rate and
+    /// records latency (no calibration, no flat-out run).
+    pub fixed_rate: Option<f64>,
+}
+
+/// Where clients sit in a cluster of nodes A, B, C (publishers always on
+/// A); on fewer nodes, node numbers wrap around (all on the one broker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Everything on A.
+    Local,
+    /// Subscribers on B: every delivery crosses one link.
+    Remote,
+    /// Subscriber s on node s % 3 (100 subscribers: 34 on A, 33 on B, 33
+    /// on C).
+    Spread,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +57,8 @@ pub fn all() -> Vec<Workload> {
             subs: 1,
             payload: 64,
             shape: Shape::SameTopic,
+            placement: Placement::Local,
+            fixed_rate: None,
         },
         Workload {
             name: "1to1-1k",
@@ -47,6 +68,8 @@ pub fn all() -> Vec<Workload> {
             subs: 1,
             payload: 1024,
             shape: Shape::SameTopic,
+            placement: Placement::Local,
+            fixed_rate: None,
         },
         Workload {
             name: "fanout-10",
@@ -56,6 +79,8 @@ pub fn all() -> Vec<Workload> {
             subs: 10,
             payload: 64,
             shape: Shape::SameTopic,
+            placement: Placement::Local,
+            fixed_rate: None,
         },
         Workload {
             name: "fanout-100",
@@ -65,6 +90,8 @@ pub fn all() -> Vec<Workload> {
             subs: 100,
             payload: 64,
             shape: Shape::SameTopic,
+            placement: Placement::Local,
+            fixed_rate: None,
         },
         Workload {
             name: "selective-1000",
@@ -74,6 +101,8 @@ pub fn all() -> Vec<Workload> {
             subs: 1000,
             payload: 64,
             shape: Shape::Selective { hot: 10 },
+            placement: Placement::Local,
+            fixed_rate: None,
         },
         Workload {
             name: "4to4",
@@ -83,15 +112,97 @@ pub fn all() -> Vec<Workload> {
             subs: 4,
             payload: 64,
             shape: Shape::Mesh,
+            placement: Placement::Local,
+            fixed_rate: None,
         },
     ]
 }
 
+/// The publish rate of the cluster latency workloads: moderate, so that
+/// every system (three brokers and the clients on two cores included)
+/// carries it without queueing.
+pub const LATENCY_RATE: f64 = 10_000.0;
+
+/// The workloads of `compare cluster`: a cluster's nodes A, B and C, the
+/// publisher on A (on a single broker everything is on it).
+pub fn cluster() -> Vec<Workload> {
+    let one = |name, label, short, payload, placement, fixed_rate| Workload {
+        name,
+        label,
+        short,
+        pubs: 1,
+        subs: 1,
+        payload,
+        shape: Shape::SameTopic,
+        placement,
+        fixed_rate,
+    };
+    vec![
+        one(
+            "hop-1to1-64",
+            "1→1 across brokers (A→B), 64 B",
+            "1→1 A→B, 64 B",
+            64,
+            Placement::Remote,
+            None,
+        ),
+        one(
+            "hop-1to1-1k",
+            "1→1 across brokers (A→B), 1 KiB",
+            "1→1 A→B, 1 KiB",
+            1024,
+            Placement::Remote,
+            None,
+        ),
+        Workload {
+            name: "spread-fanout-100",
+            label: "1→100, subscribers 34/33/33 on A/B/C, 64 B",
+            short: "1→100 spread, 64 B",
+            pubs: 1,
+            subs: 100,
+            payload: 64,
+            shape: Shape::SameTopic,
+            placement: Placement::Spread,
+            fixed_rate: None,
+        },
+        one(
+            "lat-local",
+            "latency at 10k msg/s, publisher and subscriber on A, 64 B",
+            "latency A→A",
+            64,
+            Placement::Local,
+            Some(LATENCY_RATE),
+        ),
+        one(
+            "lat-hop",
+            "latency at 10k msg/s, publisher on A, subscriber on B, 64 B",
+            "latency A→B",
+            64,
+            Placement::Remote,
+            Some(LATENCY_RATE),
+        ),
+    ]
+}
+
 pub fn by_name(name: &str) -> Option<Workload> {
-    all().into_iter().find(|w| w.name == name)
+    all().into_iter().chain(cluster()).find(|w| w.name == name)
 }
 
 impl Workload {
+    /// The node publisher `p` connects to: always A.
+    pub fn pub_node(&self, _p: usize) -> usize {
+        0
+    }
+
+    /// The node subscriber `s` connects to.
+    pub fn sub_node(&self, s: usize) -> usize {
+        match self.placement {
+            Placement::Local => 0,
+            Placement::Remote => 1,
+            Placement::Spread => s % 3,
+        }
+    }
+
     /// Topics publisher `p` round-robins while measuring.
     pub fn pub_topics(&self, p: usize) -> Vec<String> {
         match self.shape {
