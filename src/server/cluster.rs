@@ -24,8 +24,11 @@ pub(crate) const LINK_TOKENS: usize = 1 << 20;
 
 /// libzmq's queue of link messages towards one peer, in messages: interest
 /// changes and PINGs on a link, FORWARDs on the cluster ROUTER (behind
-/// which the core's own per-peer queue waits).
-const LINK_HWM: i32 = 100_000;
+/// which the core's own per-peer queue waits, `--cluster-queue-max-*`).
+/// As deep as a subscriber's pipe (`--sub-hwm`): at 100,000 the mesh ran
+/// 1→1 across brokers at about half the rate, on three times the memory
+/// (BENCHMARKS.md, "Cluster"), since deeper pipes only hold more.
+const LINK_HWM: i32 = 3_000;
 
 /// How soon a link reconnects after its peer went away: peers restart in
 /// about a second, and a link that is down carries nothing.
