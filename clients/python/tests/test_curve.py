@@ -5,13 +5,14 @@ from __future__ import annotations
 import signal
 import subprocess
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
 import zbroker
 
 from conftest import BrokerFactory, Clients
-from harness import WAIT, connect_probe
+from harness import WAIT, Broker, connect_probe
 
 
 def _keygen(binary: Path, path: Path) -> str:
@@ -24,13 +25,15 @@ def _keygen(binary: Path, path: Path) -> str:
     return (path.parent / (path.name + ".pub")).read_text().strip()
 
 
-def test_curve_keys_and_acl(
-    make_broker: BrokerFactory, clients: Clients, broker_bin: Path, tmp_path: Path
-) -> None:
+def _curve_broker(
+    make_broker: BrokerFactory, broker_bin: Path, tmp_path: Path, sub_acl: str
+) -> Tuple[Broker, str]:
+    """A CURVE broker whose key lists admit ``pub.key`` to every topic and
+    ``sub.key`` to ``sub_acl``; returns it and the subscriber's public key."""
     _keygen(broker_bin, tmp_path / "broker.key")
     sub_public = _keygen(broker_bin, tmp_path / "sub.key")
     pub_public = _keygen(broker_bin, tmp_path / "pub.key")
-    (tmp_path / "subscribers.keys").write_text(f"{sub_public}  prefix:net.\n")
+    (tmp_path / "subscribers.keys").write_text(f"{sub_public}  {sub_acl}\n")
     (tmp_path / "publishers.keys").write_text(f"{pub_public}  prefix:\n")
     broker = make_broker(
         "--curve-secret-key",
@@ -40,6 +43,13 @@ def test_curve_keys_and_acl(
         "--subscriber-keys",
         str(tmp_path / "subscribers.keys"),
     )
+    return broker, sub_public
+
+
+def test_curve_keys_and_acl(
+    make_broker: BrokerFactory, clients: Clients, broker_bin: Path, tmp_path: Path
+) -> None:
+    broker, sub_public = _curve_broker(make_broker, broker_bin, tmp_path, "prefix:net.")
     server = tmp_path / "broker.key.pub"
     sub_keys = zbroker.CurveKeys.from_files(server, tmp_path / "sub.key")
     assert sub_keys.public == sub_public
@@ -66,20 +76,8 @@ def test_curve_keys_and_acl(
 def test_a_filter_revoked_by_a_key_list_reload_is_dropped(
     make_broker: BrokerFactory, clients: Clients, broker_bin: Path, tmp_path: Path
 ) -> None:
-    _keygen(broker_bin, tmp_path / "broker.key")
-    sub_public = _keygen(broker_bin, tmp_path / "sub.key")
-    pub_public = _keygen(broker_bin, tmp_path / "pub.key")
+    broker, sub_public = _curve_broker(make_broker, broker_bin, tmp_path, "prefix:net. prefix:log.")
     subscribers = tmp_path / "subscribers.keys"
-    subscribers.write_text(f"{sub_public}  prefix:net. prefix:log.\n")
-    (tmp_path / "publishers.keys").write_text(f"{pub_public}  prefix:\n")
-    broker = make_broker(
-        "--curve-secret-key",
-        str(tmp_path / "broker.key"),
-        "--publisher-keys",
-        str(tmp_path / "publishers.keys"),
-        "--subscriber-keys",
-        str(subscribers),
-    )
     server = tmp_path / "broker.key.pub"
     sub = clients.subscriber(
         broker.sub_endpoint, curve=zbroker.CurveKeys.from_files(server, tmp_path / "sub.key")
