@@ -94,13 +94,7 @@ impl Transport<Frame> for RouterTransport<'_> {
             SendOutcome::Sent => {}
             other => return other,
         }
-        // A moved part costs no reference counting; a share costs two
-        // (content and connection metadata), each undone by the I/O thread.
-        let payload = if last_use {
-            payload.take()
-        } else {
-            payload.share()
-        };
+        let payload = outgoing(payload, last_use);
         let sent = Frame::header(seq, topic)
             .send(self.socket, zmq::SNDMORE | zmq::DONTWAIT)
             .and_then(|()| payload.send(self.socket, zmq::DONTWAIT));
@@ -118,11 +112,7 @@ impl Transport<Frame> for RouterTransport<'_> {
         let Some(xpub) = self.xpub.as_deref_mut() else {
             return SendOutcome::Unreachable;
         };
-        let payload = if last_use {
-            payload.take()
-        } else {
-            payload.share()
-        };
+        let payload = outgoing(payload, last_use);
         let sent = Frame::from_slice(topic)
             .send(xpub, zmq::SNDMORE | zmq::DONTWAIT)
             .and_then(|()| payload.send(xpub, zmq::DONTWAIT));
@@ -153,11 +143,7 @@ impl Transport<Frame> for RouterTransport<'_> {
         let mut header = [0u8; wire::FORWARD_HEADER_MAX];
         let len = wire::forward_header(seq, &mut header);
         let header = &header[..len];
-        let payload = if last_use {
-            payload.take()
-        } else {
-            payload.share()
-        };
+        let payload = outgoing(payload, last_use);
         let sent = Frame::from_slice(header)
             .send(router, zmq::SNDMORE | zmq::DONTWAIT)
             .and_then(|()| Frame::from_slice(topic).send(router, zmq::SNDMORE | zmq::DONTWAIT))
@@ -220,5 +206,17 @@ fn send_routing_id(router: &mut zmq::Socket, routing_id: &[u8]) -> Result<(), Se
         Ok(()) => Ok(()),
         Err(zmq::Error::EAGAIN) => Err(SendOutcome::WouldBlock),
         Err(_) => Err(SendOutcome::Unreachable),
+    }
+}
+
+/// The part to send for `payload`: the part itself when no later delivery
+/// needs it, else a share of it. A moved part costs no reference counting;
+/// a share costs two (content and connection metadata), each undone by the
+/// I/O thread.
+fn outgoing(payload: &mut Frame, last_use: bool) -> Frame {
+    if last_use {
+        payload.take()
+    } else {
+        payload.share()
     }
 }
